@@ -553,9 +553,6 @@ def _load(path):
 # Framing: bytes from modules into lines and events, events into bytes.
 ##############################################################################
 
-_GO = re.compile(r'^go\n', re.M)
-
-
 def _escape(value):
     """A value never carries a raw line break: newline -> `\\n`, CR -> `\\r`."""
     return value.replace('\n', '\\n').replace('\r', '\\r')
@@ -640,35 +637,43 @@ class _EventParser(object):
         return self.lines.oversized
 
     def feed(self, data):
-        """Return the list of complete events in data."""
+        """Return the list of complete events in data.
+
+        The whole chunk is split at `go` lines with one str.split; each event
+        then becomes a dict in one comprehension.  Anything unusual (a line
+        without `=`, a blank line, an over-long line) takes _parse_slowly."""
         text = self.lines.feed(data)
         if text is None:
             return []
         if '\r' in text:
-            text = '\n'.join(line[:-1] if line.endswith('\r') else line
-                             for line in text.split('\n'))
-        text = self._partial + text + '\n'
-        bodies = _GO.split(text)
-        self._partial = bodies.pop()
-        if len(self._partial) > MAX_EVENT:
-            self._skip_event = True
-            self._partial = ''
+            text = '\n'.join([line[:-1] if line[-1:] == '\r' else line
+                              for line in text.split('\n')])
+        # _partial is '' or complete lines, each ending in '\n'.
+        pieces = ('\n' + self._partial + text + '\n').split('\ngo\n')
+        pieces[0] = pieces[0][1:]
+        tail = pieces.pop()
+        while tail[:3] == 'go\n':
+            self.empty += 1         # `go` right after `go`: an empty event
+            tail = tail[3:]
         events = []
-        for body in bodies:
+        maxline = self.maxline
+        for piece in pieces:
+            while piece[:2] == 'go' and piece[2:3] in ('', '\n'):
+                self.empty += 1     # two `go` lines in a row: an empty event
+                piece = piece[3:]
             if self._skip_event:
                 self._skip_event = False
                 self.oversized_events += 1
                 self._warn(logging.WARNING, "input '%s': an event over %d bytes was skipped",
                            self.name, MAX_EVENT)
                 continue
-            if not body:
+            if not piece:
                 self.empty += 1
                 continue
-            lines = body[:-1].split('\n')
+            lines = piece.split('\n')
             try:
-                event = dict(line.split('=', 1) for line in lines)
-                if '' in event or len(body) > self.maxline and \
-                        max(len(line) for line in lines) > self.maxline:
+                event = dict([line.split('=', 1) for line in lines])
+                if '' in event or len(piece) > maxline:
                     raise ValueError
             except ValueError:
                 event = self._parse_slowly(lines)
@@ -676,6 +681,10 @@ class _EventParser(object):
                     self.empty += 1
                     continue
             events.append(event)
+        if len(tail) > MAX_EVENT:
+            self._skip_event = True
+            tail = ''
+        self._partial = tail
         return events
 
     def _parse_slowly(self, lines):
@@ -699,13 +708,16 @@ class _EventParser(object):
         return event
 
     def eof(self):
-        """The module's output ended: returns the number of lines of an event
-        that never got its `go` (they are discarded: the event is incomplete)."""
+        """The module's output ended: (events, lost).  A last line without its
+        newline still counts (so a final `go` completes its event); the lines
+        of an event that never got its `go` are discarded, and `lost` says
+        how many there were."""
         tail = self.lines.flush()
-        pending = self._partial + tail
+        events = self.feed(tail.encode('utf-8', 'surrogateescape') + b'\n') if tail else []
+        lost = len([line for line in self._partial.split('\n') if line.strip()])
         self._partial = ''
         self._skip_event = False
-        return len([line for line in pending.split('\n') if line.strip()])
+        return events, lost
 
 
 ##############################################################################
@@ -1006,7 +1018,7 @@ class _Module(object):
         if text is not None:
             for line in text.split('\n'):
                 if line.strip():
-                    _log.warning('%s: %s', self.label, line)
+                    _log.warning('%s pid %d: %s', self.label, self.proc.pid, line)
 
     def _on_stdout_eof(self):
         """The module closed its stdout; it is expected to exit.  The exit
@@ -1078,7 +1090,7 @@ class _Module(object):
             self.stdin.close()
         tail = self._err.flush()
         if tail.strip():
-            _log.warning('%s: %s', self.label, tail)
+            _log.warning('%s pid %d: %s', self.label, self.proc.pid, tail)
         uptime = time.monotonic() - self.started_at
         if uptime >= HEALTHY_RUN:
             self.delay = self.block.restartdelay
@@ -1150,7 +1162,9 @@ class _Input(_Module):
             self.router.module_done(self)
 
     def _exited(self, code, how, uptime, was):
-        lost = self.parser.eof()
+        events, lost = self.parser.eof()
+        if events:
+            self.router.take(events)
         if lost:
             self.truncated += 1
             _log.warning("%s: discarded an incomplete event (%d lines without 'go') "
@@ -1862,8 +1876,9 @@ def _test(config_path):
         if not data:
             break
         emit(parser.feed(data))
-    emit(parser.feed(b'\n'))    # a last `go` without a newline still counts
-    if parser.eof():
+    events, lost = parser.eof()
+    emit(events)
+    if lost:
         print("looper: discarded an incomplete event (no 'go') at the end of stdin",
               file=sys.stderr)
     return EX_SOFTWARE if router_rules and router_rules.errors else EX_OK

@@ -1,0 +1,709 @@
+"""Tests for Looper: real subprocesses, real files, bounded waits.
+
+Run:  python3 -m pytest -q test_looper.py
+The interpreter that runs looper.py (and so the shipped Python modules) is
+LOOPER_PYTHON, default the one running pytest; .ci/run sets it to 3.6 and
+3.13 as well.  Tests that need a real peer (rsyslog, net-snmp, logger)
+skip where it is absent, except in CI (CI=true), where they fail.
+"""
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+LOOPER = os.path.join(HERE, 'looper.py')
+MODULES = os.path.join(HERE, 'modules')
+EXAMPLES = os.path.join(HERE, 'examples')
+PY = os.environ.get('LOOPER_PYTHON', sys.executable)
+IN_CI = os.environ.get('CI') == 'true'
+DEADLINE = 30.0         # seconds: the longest any single wait in these tests may take
+
+
+##############################################################################
+# Helpers
+##############################################################################
+
+def wait_until(predicate, timeout=DEADLINE, what='condition'):
+    """Poll an observable condition until it holds; fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError('timed out after %g s waiting for %s' % (timeout, what))
+        time.sleep(0.01)
+
+
+def need(program):
+    """Skip when a real peer is absent; in CI its absence is a failure."""
+    path = shutil.which(program) or (os.path.exists('/usr/sbin/' + program) and '/usr/sbin/' + program)
+    if not path:
+        if IN_CI:
+            pytest.fail('%s is required in CI (install it in .ci/run)' % program)
+        pytest.skip('%s is not installed' % program)
+    return path
+
+
+def write(path, text, mode=0o644):
+    with open(path, 'w') as f:
+        f.write(text)
+    os.chmod(path, mode)
+    return path
+
+
+def sh_module(directory, name, body):
+    """An executable /bin/sh module."""
+    return write(os.path.join(directory, name), '#!/bin/sh\n' + body, 0o755)
+
+
+def py_module(directory, name, body):
+    """An executable Python module (Looper runs it under its own interpreter)."""
+    return write(os.path.join(directory, name), '#!/usr/bin/env python3\n' + body, 0o755)
+
+
+def read(path, default=''):
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return default
+
+
+def run(args, input=None, cwd=None, timeout=DEADLINE, env=None):
+    """Run looper.py to completion; returns CompletedProcess with text output."""
+    return subprocess.run([PY, LOOPER] + args, input=input, cwd=cwd, timeout=timeout,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                          universal_newlines=True)
+
+
+def run_test_mode(conf, events):
+    """--test: returns (deliveries as dicts, CompletedProcess)."""
+    p = subprocess.run([PY, LOOPER, '--test', conf], input=events.encode('utf-8', 'surrogateescape')
+                       if isinstance(events, str) else events, timeout=DEADLINE,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    lines = p.stdout.decode('utf-8', 'surrogateescape').splitlines()
+    return [json.loads(line) for line in lines], p
+
+
+class Looper(object):
+    """looper.py running in the background, its log in a file."""
+
+    def __init__(self, conf, args=(), env=None, stdin=subprocess.DEVNULL, stdout=None,
+                 preexec_fn=None):
+        self.log_path = conf + '.stderr'
+        self._log = open(self.log_path, 'wb')
+        self.proc = subprocess.Popen([PY, LOOPER] + list(args) + [conf], stdin=stdin,
+                                     stdout=stdout or subprocess.DEVNULL, stderr=self._log,
+                                     env=env, preexec_fn=preexec_fn)
+
+    def log(self):
+        return read(self.log_path)
+
+    def wait_log(self, pattern, timeout=DEADLINE, count=1):
+        return wait_until(lambda: len(re.findall(pattern, self.log())) >= count and self.log(),
+                          timeout, 'log line %r (x%d); log so far:\n%s' % (pattern, count, self.log()))
+
+    def signal(self, sig):
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout=DEADLINE):
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._log.close()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(DEADLINE)
+        self._log.close()
+
+
+def counters(log):
+    """The last counters line (SIGUSR1 or the final one) as a dict of ints."""
+    lines = [line for line in log.splitlines() if re.search(r'(counters|finished): events_in=', line)]
+    assert lines, 'no counters line in the log:\n' + log
+    return dict((k, int(v)) for k, v in re.findall(r'(\S+)=(\d+)', lines[-1].split(': ', 2)[-1]))
+
+
+def children_of(pid):
+    """Pids of the direct children of pid (from /proc)."""
+    out = []
+    for entry in os.listdir('/proc'):
+        if entry.isdigit():
+            try:
+                with open('/proc/%s/stat' % entry) as f:
+                    fields = f.read().rsplit(')', 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def proc_status(pid):
+    with open('/proc/%d/status' % pid) as f:
+        return dict(line.split(':', 1) for line in f.read().splitlines() if ':' in line)
+
+
+# A Python output module that records what it receives: every event as one
+# JSON line in $LOOPER_NAME.jsonl (raw config in .config); confirm support
+# driven by its config (confirm=yes).
+RECORDER = r'''
+import json, os, sys
+name = os.environ.get('LOOPER_NAME', 'out')
+stdin = sys.stdin.buffer
+config, event = {}, {}
+confirm = False
+for raw in stdin:
+    line = raw.rstrip(b'\n').decode('utf-8', 'surrogateescape')
+    if line == 'configure':
+        confirm = config.get('confirm') == 'yes'
+        with open(name + '.config', 'w') as f:
+            json.dump(config, f)
+        if confirm:
+            sys.stdout.write('ok\n'); sys.stdout.flush()
+        break
+    k, _, v = line.partition('=')
+    config[k] = v
+out = open(name + '.jsonl', 'ab')
+for raw in stdin:
+    line = raw.rstrip(b'\n').decode('utf-8', 'surrogateescape')
+    if line == 'quit':
+        break
+    if line == 'go':
+        out.write(json.dumps(event).encode() + b'\n'); out.flush()
+        event = {}
+        if confirm:
+            sys.stdout.write('ok\n'); sys.stdout.flush()
+        continue
+    k, _, v = line.partition('=')
+    event[k] = v
+'''
+
+
+def recorded(directory, name):
+    """Events a RECORDER output received, in order."""
+    return [json.loads(line) for line in read(os.path.join(directory, name + '.jsonl')).splitlines()]
+
+
+def numbers_in(directory, name, token='n'):
+    return [int(e[token]) for e in recorded(directory, name)]
+
+
+# An input module that emits N numbered events (n=0..N-1) then exits 0.
+COUNTER_IN = r'''
+import os, sys
+config = dict(line.rstrip('\n').split('=', 1) for line in sys.stdin if '=' in line)
+n = int(config.get('count', '10'))
+start = int(config.get('first', '0'))
+out = sys.stdout
+for i in range(start, n):
+    out.write('n=%d\nmsg=event %d\ngo\n' % (i, i))
+out.flush()
+'''
+
+
+@pytest.fixture
+def tmp(tmp_path):
+    return str(tmp_path)
+
+
+def config(directory, text, name='t.conf'):
+    return write(os.path.join(directory, name), text)
+
+
+##############################################################################
+# Configuration
+##############################################################################
+
+class TestConfiguration(object):
+
+    def test_examples_pass_check(self):
+        for name in sorted(os.listdir(EXAMPLES)):
+            if name.endswith('.conf'):
+                p = run(['--check', os.path.join(EXAMPLES, name)])
+                assert p.returncode == 0, (name, p.stderr)
+                assert 'OK' in p.stdout
+
+    def test_quoting_comments_and_one_line_blocks_reach_the_module(self, tmp):
+        py_module(tmp, 'rec', RECORDER)
+        py_module(tmp, 'src', COUNTER_IN)
+        conf = config(tmp, '''
+# a comment
+inputmodulepath = "."           # double quotes, comment after
+outputmodulepath = .
+rulesfile = NORULES
+
+input in { module = 'src'   # one-line block
+           count = 2 }
+output out {
+    module = rec
+    single = 'a # not a comment'
+    double = "it's"
+    bare   = plain value   # comment
+    empty  = ''
+}
+''')
+        p = run([conf])
+        assert p.returncode == 0, p.stderr
+        got = json.loads(read(os.path.join(tmp, 'out.config')))
+        assert got == {'module': 'rec', 'single': 'a # not a comment', 'double': "it's",
+                       'bare': 'plain value', 'empty': ''}
+        assert numbers_in(tmp, 'out') == [0, 1]
+
+    @pytest.mark.parametrize('text, line, message', [
+        ("input a { module = 'x' }\ninput b { module = 'x' }\noutput o { module = 'x' }\n",
+         2, "a second input block 'b'"),
+        ("input a { module = 'x' }\n", 1, 'no output block'),
+        ("output o { module = 'x' }\n", 1, 'no input block'),
+        ("input a {\n  sleeptime = 2\n}\noutput o { module = 'x' }\n", 1, "has no 'module' key"),
+        ("input a { module = 'x' }\noutput o { module = 'x' }\noutput o { module = 'x' }\n",
+         3, "duplicate output name 'o'"),
+        ("input a { module = 'x' }\noutput o { module = 'x' }\nfoo = 1\n", 3, "unknown key 'foo'"),
+        ("input a { module = 'x' }\noutptu o {\n module = 'x'\n}\noutput p { module = 'x' }\n",
+         2, "unknown section 'outptu'"),
+        ("input a { module = 'x' }\noutput o { module = 'x\n}\n", 2, 'unterminated'),
+        ("input a { module = 'x' }\noutput o {\n module = 'x'\n", 2, 'never closed'),
+        ("input a { module = 'x' }\noutput o { module = 'x' overflow = 'sometimes' }\n",
+         2, 'unexpected text'),
+        ("input a { module = 'x' }\noutput o {\n module = 'x'\n overflow = sometimes\n}\n",
+         4, "overflow must be 'block' or 'drop'"),
+        ("input a { module = 'x' }\noutput o {\n module = 'x'\n queuesize = lots\n}\n",
+         4, 'queuesize must be a positive whole number'),
+        ("input a { module = 'x' }\noutput o {\n module = 'x'\n module = 'y'\n}\n",
+         4, "duplicate key 'module' (first set at line 5)"),
+        ("input a { module = 'nosuch' }\noutput o { module = 'x' }\n", 1, "module 'nosuch' not found"),
+        ("input a { module = 'noexec' }\noutput o { module = 'x' }\n", 1, 'not executable; fix: chmod +x'),
+        ("rulesfile = 'missing.rules'\ninput a { module = 'x' }\noutput o { module = 'x' }\n",
+         1, 'cannot read rules file'),
+        ("this is not a line\ninput a { module = 'x' }\noutput o { module = 'x' }\n",
+         1, 'cannot parse'),
+    ])
+    def test_bad_configs_are_refused_with_file_and_line(self, tmp, text, line, message):
+        sh_module(tmp, 'x', 'cat >/dev/null\n')
+        write(os.path.join(tmp, 'noexec'), '#!/bin/sh\n', 0o644)
+        conf = config(tmp, 'inputmodulepath = .\noutputmodulepath = .\n' + text)
+        for args in (['--check', conf], [conf]):
+            p = run(args)
+            assert p.returncode == 78, p.stderr
+            expected = '%s:%d: ' % (conf, line + 2 if line else line)
+            if 'no input block' in message or 'no output block' in message:
+                expected = '%s:1: ' % conf
+            assert any(l.startswith(expected) and message in l for l in p.stderr.splitlines()), \
+                (expected, message, p.stderr)
+
+    def test_check_lists_every_problem(self, tmp):
+        conf = config(tmp, "foo = 1\ninput a { module = 'nosuch' }\noutput o { }\n")
+        p = run(['--check', conf])
+        assert p.returncode == 78
+        assert len(p.stderr.strip().splitlines()) == 3, p.stderr
+
+    def test_rules_syntax_error_names_the_rules_file_and_line(self, tmp):
+        write(os.path.join(tmp, 'r.rules'), "x = 1\nif x == 1\n    writeTo('o')\n")
+        sh_module(tmp, 'x', 'cat >/dev/null\n')
+        conf = config(tmp, "outputmodulepath = .\ninputmodulepath = .\nrulesfile = r.rules\n"
+                           "input a { module = x }\noutput o { module = x }\n")
+        p = run(['--check', conf])
+        assert p.returncode == 78
+        assert re.search(r'r\.rules:2: SyntaxError', p.stderr), p.stderr
+
+    def test_files_writable_by_others_are_refused(self, tmp):
+        sh_module(tmp, 'x', 'cat >/dev/null\n')
+        rules = write(os.path.join(tmp, 'r.rules'), "writeTo('o')\n")
+        conf = config(tmp, "outputmodulepath = .\ninputmodulepath = .\nrulesfile = r.rules\n"
+                           "input a { module = x }\noutput o { module = x }\n")
+        assert run(['--check', conf]).returncode == 0
+        os.chmod(rules, 0o666)
+        p = run(['--check', conf])
+        assert p.returncode == 78 and 'chmod o-w' in p.stderr and 'r.rules' in p.stderr
+        os.chmod(rules, 0o644)
+        os.chmod(conf, 0o646)
+        p = run(['--check', conf])
+        assert p.returncode == 78 and 'refusing a configuration file' in p.stderr
+
+    def test_module_paths_default_beside_looper_and_relative_to_the_file(self, tmp):
+        os.mkdir(os.path.join(tmp, 'mods'))
+        py_module(os.path.join(tmp, 'mods'), 'src', COUNTER_IN)
+        conf = config(tmp, "inputmodulepath = 'mods'\ninput a { module = 'src' }\n"
+                           "output o { module = 'logfile_out'\n filename = 'o.log' }\n")
+        p = run(['--check', conf], cwd='/')
+        assert p.returncode == 0, p.stderr
+        assert os.path.join(tmp, 'mods', 'src') in p.stdout
+        assert os.path.join(MODULES, 'logfile_out') in p.stdout
+
+    def test_repeated_rulesfiles_run_in_order_and_norules_routes_everything(self, tmp):
+        write(os.path.join(tmp, 'one.rules'), "outputTokens['seen'] = 'one'\n")
+        write(os.path.join(tmp, 'two.rules'), "outputTokens['seen'] += ',two'\nwriteTo('a')\n")
+        sh_module(tmp, 'x', 'cat >/dev/null\n')
+        conf = config(tmp, "inputmodulepath = .\noutputmodulepath = .\nrulesfile = one.rules\n"
+                           "rulesfile = two.rules\ninput i { module = x }\n"
+                           "output a { module = x }\noutput b { module = x }\n")
+        got, p = run_test_mode(conf, 'k=v\ngo\n')
+        assert got == [{'output': 'a', 'tokens': {'k': 'v', 'seen': 'one,two'}}], p.stderr
+        conf = config(tmp, "inputmodulepath = .\noutputmodulepath = .\nrulesfile = 'NORULES'\n"
+                           "input i { module = x }\noutput a { module = x }\n"
+                           "output b { module = x }\n")
+        got, p = run_test_mode(conf, 'k=v\ngo\n')
+        assert got == [{'output': 'a', 'tokens': {'k': 'v'}}, {'output': 'b', 'tokens': {'k': 'v'}}]
+
+
+##############################################################################
+# Framing: the line protocol, through --test and real runs
+##############################################################################
+
+def norules_conf(tmp, rules=None, outputs=('a',)):
+    sh_module(tmp, 'x', 'cat >/dev/null\n')
+    text = "inputmodulepath = .\noutputmodulepath = .\n"
+    if rules is not None:
+        write(os.path.join(tmp, 'r.rules'), rules)
+        text += "rulesfile = r.rules\n"
+    text += "input i { module = x }\n"
+    for name in outputs:
+        text += "output %s { module = x }\n" % name
+    return config(tmp, text)
+
+
+class TestFraming(object):
+
+    def test_split_at_first_equals_crlf_and_verbatim_values(self, tmp):
+        conf = norules_conf(tmp)
+        got, p = run_test_mode(conf, 'a=b=c\r\nsp= lead and trail \r\nback=x\\ny\ngo\r\n')
+        assert got[0]['tokens'] == {'a': 'b=c', 'sp': ' lead and trail ', 'back': 'x\\ny'}
+
+    def test_malformed_lines_are_logged_and_skipped(self, tmp):
+        conf = norules_conf(tmp)
+        got, p = run_test_mode(conf, 'a=1\nnot a token line\n=novalue\n\nb=2\ngo\n')
+        assert got[0]['tokens'] == {'a': '1', 'b': '2'}
+        assert "skipped a line that is not token=value or go: 'not a token line'" in \
+            p.stderr.decode()
+
+    def test_empty_events_are_skipped_and_incomplete_last_event_reported(self, tmp):
+        conf = norules_conf(tmp)
+        got, p = run_test_mode(conf, 'go\ngo\na=1\ngo\ngo\nb=2\n')
+        assert [d['tokens'] for d in got] == [{'a': '1'}]
+        assert 'incomplete event' in p.stderr.decode()
+
+    def test_a_final_go_without_newline_completes_the_event(self, tmp):
+        got, p = run_test_mode(norules_conf(tmp), 'a=1\ngo')
+        assert [d['tokens'] for d in got] == [{'a': '1'}]
+
+    def test_invalid_utf8_and_nul_pass_through_byte_exact(self, tmp):
+        """Real run: an input emitting raw bytes, an output dumping raw bytes."""
+        sh_module(tmp, 'src', "cat >/dev/null\nprintf 'raw=\\377\\376ok\\000nul\\nutf=caf\\303\\251\\ngo\\n'\n")
+        sh_module(tmp, 'dump', 'cat > dump.bin\n')
+        conf = config(tmp, "inputmodulepath = .\noutputmodulepath = .\n"
+                           "input i { module = src }\noutput o { module = dump }\n")
+        p = run([conf])
+        assert p.returncode == 0, p.stderr
+        with open(os.path.join(tmp, 'dump.bin'), 'rb') as f:
+            data = f.read()
+        assert b'raw=\xff\xfeok\x00nul\nutf=caf\xc3\xa9\ngo\nquit\n' in data
+
+    def test_values_with_line_breaks_cannot_inject_protocol_lines(self, tmp):
+        rules = ("outputTokens['evil'] = 'x\\ngo\\nadmin=yes\\r\\nquit'\nwriteTo('o')\n")
+        sh_module(tmp, 'src', "cat >/dev/null\nprintf 'a=1\\ngo\\n'\n")
+        sh_module(tmp, 'dump', 'cat > dump.bin\n')
+        write(os.path.join(tmp, 'r.rules'), rules)
+        conf = config(tmp, "inputmodulepath = .\noutputmodulepath = .\nrulesfile = r.rules\n"
+                           "input i { module = src }\noutput o { module = dump }\n")
+        p = run([conf])
+        assert p.returncode == 0, p.stderr
+        data = read(os.path.join(tmp, 'dump.bin'))
+        assert data.endswith('a=1\nevil=x\\ngo\\nadmin=yes\\r\\nquit\ngo\nquit\n'), data
+
+    def test_token_names_with_equals_or_line_breaks_are_rules_errors(self, tmp):
+        conf = norules_conf(tmp, "outputTokens['a=b'] = '1'\nwriteTo('a')\n")
+        got, p = run_test_mode(conf, 'k=v\ngo\n')
+        assert got == [] and p.returncode == 1
+        assert 'r.rules:2: ValueError' in p.stderr.decode()
+
+    def test_oversized_lines_are_discarded_and_reported(self, tmp):
+        conf = config(tmp, 'maxline = 1000\n' + read(norules_conf(tmp)), 'big.conf')
+        events = 'a=1\nbig=%s\nb=2\ngo\nc=%s\ngo\nd=4\ngo\n' % ('x' * 5000, 'y' * 300000)
+        got, p = run_test_mode(conf, events)
+        assert [d['tokens'] for d in got] == [{'a': '1', 'b': '2'}, {'d': '4'}]
+        assert 'over 1000 bytes' in p.stderr.decode()
+
+    def test_split_and_coalesced_reads_parse_the_same(self, tmp):
+        """One byte per write with pauses, versus everything in one write."""
+        body = ''.join('n=%d\nv=caf\u00e9 %d\r\ngo\n' % (i, i) for i in range(40))
+        write(os.path.join(tmp, 'events'), body)
+        py_module(tmp, 'slow', r'''
+import os, sys, time
+sys.stdin.read()
+data = open('events', 'rb').read()
+for i in range(len(data)):
+    os.write(1, data[i:i + 1])
+    if i % 7 == 0:
+        time.sleep(0.0005)
+''')
+        py_module(tmp, 'fast', "import os, sys\nsys.stdin.read()\nos.write(1, open('events', 'rb').read())\n")
+        py_module(tmp, 'rec', RECORDER)
+        results = []
+        for src in ('slow', 'fast'):
+            conf = config(tmp, "inputmodulepath = .\noutputmodulepath = .\n"
+                               "input i { module = %s }\noutput %s { module = rec }\n" % (src, src))
+            assert run([conf]).returncode == 0
+            results.append(recorded(tmp, src))
+        assert results[0] == results[1]
+        assert results[0][39] == {'n': '39', 'v': 'caf\u00e9 39'}
+
+    def test_memory_stays_bounded_under_a_100_mb_line(self, tmp):
+        sh_module(tmp, 'src', "cat >/dev/null\nprintf 'a=1\\ngo\\nhuge='\n"
+                              "head -c 100000000 /dev/zero | tr '\\000' x\n"
+                              "printf '\\ngo\\nb=2\\ngo\\n'\n")
+        py_module(tmp, 'rec', RECORDER)
+        conf = config(tmp, "inputmodulepath = .\noutputmodulepath = .\n"
+                           "input i { module = src }\noutput o { module = rec }\n")
+        looper = Looper(conf)
+        peak = [0]
+
+        def finished():
+            try:
+                rss = int(proc_status(looper.proc.pid)['VmRSS'].split()[0])
+                peak[0] = max(peak[0], rss)
+            except (OSError, KeyError):
+                pass
+            return looper.proc.poll() is not None
+        wait_until(finished, 120, 'looper to finish the 100 MB line')
+        assert looper.wait() == 0, looper.log()
+        assert [e for e in recorded(tmp, 'o')] == [{'a': '1'}, {'b': '2'}]
+        assert peak[0] < 60000, 'looper grew to %d kB' % peak[0]
+        c = counters(looper.log())
+        assert c['input.i.oversized'] == 1 and c['input.i.empty'] == 1
+
+
+##############################################################################
+# Rules
+##############################################################################
+
+class TestRules(object):
+
+    def test_namespace_persists_and_output_tokens_start_as_a_copy(self, tmp):
+        conf = norules_conf(tmp, "try:\n    n += 1\nexcept NameError:\n    n = 1\n"
+                                 "outputTokens['count'] = n\ninputTokens['x'] = 'changed?'\n"
+                                 "writeTo('a')\n")
+        got, p = run_test_mode(conf, 'k=1\ngo\nk=2\ngo\n')
+        assert [d['tokens'] for d in got] == [{'k': '1', 'count': '1'}, {'k': '2', 'count': '2'}]
+
+    def test_write_to_snapshots_at_call_time_and_converts_values(self, tmp):
+        conf = norules_conf(tmp, "outputTokens['n'] = 1\nwriteTo('a')\noutputTokens['n'] = 2.5\n"
+                                 "outputTokens['gone'] = None\nwriteTo('b', 'a')\n",
+                            outputs=('a', 'b'))
+        got, p = run_test_mode(conf, 'k=v\ngo\n')
+        assert got == [{'output': 'a', 'tokens': {'k': 'v', 'n': '1'}},
+                       {'output': 'b', 'tokens': {'k': 'v', 'n': '2.5'}},
+                       {'output': 'a', 'tokens': {'k': 'v', 'n': '2.5'}}]
+
+    def test_exit_skips_the_rest_of_the_event_and_later_files(self, tmp):
+        write(os.path.join(tmp, 'first.rules'),
+              "if inputTokens['k'] == 'stop':\n    exit()\noutputTokens['first'] = 'yes'\n")
+        write(os.path.join(tmp, 'second.rules'), "writeTo('a')\n")
+        sh_module(tmp, 'x', 'cat >/dev/null\n')
+        conf = config(tmp, "inputmodulepath = .\noutputmodulepath = .\nrulesfile = first.rules\n"
+                           "rulesfile = second.rules\ninput i { module = x }\n"
+                           "output a { module = x }\n")
+        got, p = run_test_mode(conf, 'k=stop\ngo\nk=go on\ngo\n')
+        assert got == [{'output': 'a', 'tokens': {'k': 'go on', 'first': 'yes'}}]
+
+    def test_output_tokens_rebound_carries_to_the_next_file(self, tmp):
+        write(os.path.join(tmp, 'first.rules'), "outputTokens = {'only': 'this'}\n")
+        write(os.path.join(tmp, 'second.rules'), "writeTo('a')\n")
+        sh_module(tmp, 'x', 'cat >/dev/null\n')
+        conf = config(tmp, "inputmodulepath = .\noutputmodulepath = .\nrulesfile = first.rules\n"
+                           "rulesfile = second.rules\ninput i { module = x }\n"
+                           "output a { module = x }\n")
+        got, p = run_test_mode(conf, 'k=v\ngo\n')
+        assert got == [{'output': 'a', 'tokens': {'only': 'this'}}]
+
+    def test_an_exception_skips_only_that_event_and_names_file_line_and_tokens(self, tmp):
+        conf = norules_conf(tmp, "x = 1\nif inputTokens['k'] == 'bad':\n"
+                                 "    x = inputTokens['missing']\nwriteTo('a')\n")
+        got, p = run_test_mode(conf, 'k=good\ngo\nk=bad\ngo\nk=also good\ngo\n')
+        assert [d['tokens']['k'] for d in got] == ['good', 'also good']
+        err = p.stderr.decode()
+        assert re.search(r"r\.rules:3: KeyError: 'missing'; event skipped: \{'k': 'bad'\}", err), err
+        assert p.returncode == 1
+
+    def test_unknown_output_is_an_error(self, tmp):
+        conf = norules_conf(tmp, "writeTo('a')\nwriteTo('nosuch')\n")
+        got, p = run_test_mode(conf, 'k=v\ngo\n')
+        assert [d['output'] for d in got] == ['a']      # sent before the error: stays sent
+        assert "r.rules:2: LookupError: writeTo('nosuch'): no output named 'nosuch'" in p.stderr.decode()
+
+    def test_the_original_email_example(self, tmp):
+        shutil.copytree(EXAMPLES, os.path.join(tmp, 'ex'))
+        events = ('date=Nov 22 07:00:01\nnode=prometheus\ndesc=kernel: EXT4-fs error\ngo\n'
+                  'date=Nov 22 07:00:02\nnode=weed\ndesc=kernel: Out of memory\ngo\n'
+                  'date=Nov 22 07:00:03\nnode=dope\ndesc=sshd[1]: Accepted password\ngo\n'
+                  'date=Nov 22 07:00:04\nnode=gw1\ndesc=kernel: oops\ngo\n')
+        got, p = run_test_mode(os.path.join(tmp, 'ex', 'email.conf'), events)
+        assert got == [
+            {'output': 'out', 'tokens': {'mailto': 'mohit@example.org',
+                                         'mailsubject': 'Alert at Nov 22 07:00:01',
+                                         'mailbody': 'kernel: EXT4-fs error'}},
+            {'output': 'out', 'tokens': {'mailto': 'root', 'mailsubject': 'Alert at Nov 22 07:00:04',
+                                         'mailbody': 'kernel: oops'}}]
+
+
+##############################################################################
+# Routing: real runs end to end
+##############################################################################
+
+class TestRouting(object):
+
+    def test_batch_run_delivers_everything_to_every_output_and_exits_0(self, tmp):
+        py_module(tmp, 'src', COUNTER_IN)
+        py_module(tmp, 'rec', RECORDER)
+        conf = config(tmp, "inputmodulepath = .\noutputmodulepath = .\n"
+                           "input i { module = src\n count = 5000 }\n"
+                           "output a { module = rec }\noutput b { module = rec }\n")
+        p = run([conf])
+        assert p.returncode == 0, p.stderr
+        assert numbers_in(tmp, 'a') == list(range(5000))
+        assert numbers_in(tmp, 'b') == list(range(5000))
+        c = counters(p.stderr)
+        assert c['events_in'] == 5000 and c['output.a.delivered'] == 5000
+
+    def test_sh_modules_on_both_ends(self, tmp):
+        sh_module(tmp, 'src', "while IFS= read -r line; do :; done\n"
+                              "for i in 1 2 3; do printf 'n=%s\\ngo\\n' $i; done\n")
+        sh_module(tmp, 'dst', "while IFS= read -r line; do\n"
+                              "  case \"$line\" in quit) exit 0;; n=*) echo \"$line\" >> got;; esac\n"
+                              "done\n")
+        conf = config(tmp, "inputmodulepath = .\noutputmodulepath = .\n"
+                           "input i { module = src }\noutput o { module = dst }\n")
+        p = run([conf])
+        assert p.returncode == 0, p.stderr
+        assert read(os.path.join(tmp, 'got')) == 'n=1\nn=2\nn=3\n'
+
+    def test_module_stderr_goes_to_the_log_tagged_with_its_name(self, tmp):
+        sh_module(tmp, 'src', "cat >/dev/null\necho 'something odd happened' >&2\n")
+        sh_module(tmp, 'x', 'cat >/dev/null\n')
+        conf = config(tmp, "inputmodulepath = .\noutputmodulepath = .\n"
+                           "input myinput { module = src }\noutput o { module = x }\n")
+        p = run([conf])
+        assert re.search(r"input 'myinput' pid \d+: something odd happened", p.stderr), p.stderr
+
+    def test_modules_run_without_a_shell_in_the_config_directory(self, tmp):
+        py_module(tmp, 'src', r'''
+import os, sys
+config = sys.stdin.read()
+with open('seen', 'w') as f:
+    f.write(os.getcwd() + '\n' + config)
+''')
+        sh_module(tmp, 'x', 'cat >/dev/null\n')
+        conf = config(tmp, "inputmodulepath = .\noutputmodulepath = .\n"
+                           "input i { module = src\n evil = '$(touch pwned); `touch pwned2`' }\n"
+                           "output o { module = x }\n")
+        p = run([conf], cwd='/')
+        assert p.returncode == 0, p.stderr
+        seen = read(os.path.join(tmp, 'seen')).splitlines()
+        assert seen[0] == os.path.realpath(tmp)
+        assert "evil=$(touch pwned); `touch pwned2`" in seen
+        assert not os.path.exists(os.path.join(tmp, 'pwned'))
+
+    def test_a_stuck_output_does_not_hold_up_the_others(self, tmp):
+        """'stuck' never reads; 'fast' still gets every event while stuck's
+        queue has room; at the end stuck's events are counted as lost."""
+        py_module(tmp, 'src', COUNTER_IN)
+        py_module(tmp, 'rec', RECORDER)
+        sh_module(tmp, 'stuck', 'exec sleep 1000\n')
+        conf = config(tmp, "inputmodulepath = .\noutputmodulepath = .\n"
+                           "input i { module = src\n count = 3000 }\n"
+                           "output fast { module = rec }\n"
+                           "output stuck {\n module = stuck\n queuesize = 100000\n"
+                           " draintimeout = 1\n}\n")
+        looper = Looper(conf)
+        wait_until(lambda: len(numbers_in(tmp, 'fast')) == 3000, what='fast to get all events')
+        assert looper.wait() == 1
+        c = counters(looper.log())
+        assert c['output.fast.delivered'] == 3000
+        assert c['output.stuck.lost'] + c['output.stuck.delivered'] == 3000
+        assert 'events within 1 s (draintimeout); they are lost' in looper.log()
+
+    def test_shell_pipeline_with_dash_on_both_ends(self, tmp):
+        lines = ''.join('Nov 22 07:00:%02d gw%d sshd[%d]: Failed password for root from 10.0.0.%d '
+                        'port 22 ssh2\n' % (i, i % 2, i, i) for i in range(50))
+        p = subprocess.run('gzip -c | gzip -dc | %s %s %s | grep node=gw1' % (
+            PY, LOOPER, os.path.join(EXAMPLES, 'pipe.conf')), shell=True, input=lines,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+            timeout=DEADLINE)
+        assert p.returncode == 0, p.stderr
+        out = p.stdout.splitlines()
+        assert len(out) == 25
+        assert all('program=sshd' in line and 'node=gw1' in line for line in out)
+
+    def test_demo_runs_out_of_the_box(self):
+        p = run([os.path.join(EXAMPLES, 'demo.conf')], cwd='/')
+        assert p.returncode == 0, p.stderr
+        alerts = p.stdout.splitlines()
+        assert alerts and all('alert=' in line for line in alerts)
+        assert any('alert=kernel' in line for line in alerts)
+        assert any('alert=ssh-bruteforce' in line for line in alerts)
+        assert p.stderr == ''
+
+    def test_basic_example_copies_every_line(self, tmp):
+        shutil.copytree(EXAMPLES, os.path.join(tmp, 'ex'))
+        shutil.copytree(MODULES, os.path.join(tmp, 'modules'))
+        conf = os.path.join(tmp, 'ex', 'basic.conf')
+        write(conf, read(conf).replace('/tmp/easy.out', 'easy.out'))
+        p = run([conf])
+        assert p.returncode == 0, p.stderr
+        sample = [l for l in read(os.path.join(EXAMPLES, 'sample.log')).splitlines() if l.strip()]
+        out = read(os.path.join(tmp, 'ex', 'easy.out')).splitlines()
+        assert len(out) == len(sample)
+        assert 'desc=' in out[0]
+
+
+##############################################################################
+# Command line
+##############################################################################
+
+class TestCommandLine(object):
+
+    def test_version_and_help(self):
+        p = run(['--version'])
+        assert p.returncode == 0 and re.match(r'looper \d+\.\d+\.\d+$', p.stdout.strip())
+        p = run(['--help'])
+        assert p.returncode == 0 and '--check' in p.stdout and '--test' in p.stdout
+
+    def test_usage_errors_exit_2(self):
+        assert run([]).returncode == 2
+        assert run(['--bogus', 'x.conf']).returncode == 2
+        assert run(['--check', '--test', 'x.conf']).returncode == 2
+
+    def test_missing_config_exits_78(self, tmp):
+        p = run([os.path.join(tmp, 'nope.conf')])
+        assert p.returncode == 78 and 'cannot read the configuration' in p.stderr
+
+    def test_sigterm_stops_gracefully_and_delivers_what_was_read(self, tmp):
+        py_module(tmp, 'src', r'''
+import sys, time
+sys.stdin.read()
+for i in range(100):
+    sys.stdout.write('n=%d\ngo\n' % i)
+sys.stdout.flush()
+time.sleep(1000)
+''')
+        py_module(tmp, 'rec', RECORDER)
+        conf = config(tmp, "inputmodulepath = .\noutputmodulepath = .\n"
+                           "input i { module = src }\noutput o { module = rec }\n")
+        looper = Looper(conf)
+        wait_until(lambda: len(numbers_in(tmp, 'o')) == 100)
+        looper.signal(signal.SIGTERM)
+        assert looper.wait() == 0, looper.log()
+        assert 'stopping: signal SIGTERM' in looper.log()
+        assert numbers_in(tmp, 'o') == list(range(100))
