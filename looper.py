@@ -40,6 +40,7 @@ import re
 import selectors
 import signal
 import socket
+import struct
 import subprocess
 import time
 import traceback
@@ -51,6 +52,7 @@ import traceback
 
 READ_CHUNK = 262144          # bytes per os.read of a module's stdout or stderr
 WRITE_CHUNK = 262144         # bytes of queued events joined into one os.write
+PIPE_WINDOW = 1048576        # bytes of written events kept to resend what a dead module never read
 MAX_LINE = 65536             # bytes; a longer line from a module is discarded (config: maxline)
 MAX_EVENT = 1048576          # bytes; a larger event (lines before `go`) is discarded
 QUEUE_SIZE = 10000           # events per output queue (config: queuesize)
@@ -59,10 +61,10 @@ CONFIRM_TIMEOUT = 30.0       # seconds to wait for `ok`/`error` (config: confirm
 WRITE_TIMEOUT = 60.0         # seconds an output may accept no bytes (config: writetimeout)
 RETRY_DELAY = 1.0            # seconds before resending after `error`, doubling (config: retrydelay)
 RESTART_DELAY = 1.0          # seconds before the first restart, doubling (config: restartdelay)
-RESTART_DELAY_MAX = 60.0     # seconds: cap for restart and retry delays
+RESTART_DELAY_MAX = 60.0     # seconds: cap for restart and retry delays (config: maxrestartdelay)
 HEALTHY_RUN = 60.0           # seconds of uptime after which the restart delay starts over
-CLOSE_TIMEOUT = 5.0          # seconds a module gets to exit after `quit`/EOF before SIGTERM
-KILL_TIMEOUT = 5.0           # seconds after SIGTERM before SIGKILL
+CLOSE_TIMEOUT = 5.0          # seconds a module gets to exit after `quit`/EOF before SIGTERM,
+                             # and again after SIGTERM before SIGKILL (config: closetimeout)
 DRAIN_TIMEOUT = 10.0         # seconds an output gets to deliver its queue at shutdown (config: draintimeout)
 LOG_EVERY = 10.0             # seconds between repeated warnings of one kind (drops, bad lines)
 EVENT_REPR_MAX = 2000        # characters of an event shown in a log line
@@ -74,9 +76,10 @@ EX_CONFIG = 78               # EX_CONFIG from sysexits.h: bad configuration or r
 
 # Keys of a block that Looper reads itself (they are still sent to the module).
 _BLOCK_KEYS = {
-    'input': ('module', 'restartdelay'),
-    'output': ('module', 'restartdelay', 'queuesize', 'overflow', 'confirm',
-               'confirmtimeout', 'writetimeout', 'retrydelay', 'draintimeout'),
+    'input': ('module', 'restartdelay', 'maxrestartdelay', 'closetimeout'),
+    'output': ('module', 'restartdelay', 'maxrestartdelay', 'closetimeout', 'queuesize',
+               'overflow', 'confirm', 'confirmtimeout', 'writetimeout', 'retrydelay',
+               'draintimeout'),
 }
 _TOP_KEYS = ('inputmodulepath', 'outputmodulepath', 'rulesfile', 'logfile',
              'loglevel', 'maxline')
@@ -147,6 +150,18 @@ def _describe_status(status):
         return -sig, 'terminated by signal %d (%s)' % (sig, name)
     code = os.WEXITSTATUS(status)
     return code, 'exited with status %d' % code
+
+
+def _unread_bytes(fd):
+    """How many bytes written into a pipe its reader never took (FIONREAD on
+    the write end: Linux; elsewhere this may answer 0, and then an output
+    without confirm counts those bytes as delivered, as the contract says)."""
+    try:
+        import fcntl
+        import termios
+        return struct.unpack('i', fcntl.ioctl(fd, termios.FIONREAD, b'\0\0\0\0'))[0]
+    except (ImportError, OSError, AttributeError):
+        return 0
 
 
 def _child_setup():
@@ -424,6 +439,9 @@ def _number(block, key, default, error, integer=False):
 def _check_block_values(block, error):
     """Parse the keys Looper reads itself into attributes of the block."""
     block.restartdelay = _number(block, 'restartdelay', RESTART_DELAY, error)
+    block.maxrestartdelay = max(block.restartdelay,
+                                _number(block, 'maxrestartdelay', RESTART_DELAY_MAX, error))
+    block.closetimeout = _number(block, 'closetimeout', CLOSE_TIMEOUT, error)
     if block.kind != 'output':
         return
     block.queuesize = _number(block, 'queuesize', QUEUE_SIZE, error, integer=True)
@@ -852,6 +870,7 @@ class _Writer(object):
         self.on_progress, self.on_error = on_progress, on_error
         self.backlog = bytearray()
         self.written = 0
+        self.unread = 0             # at close: bytes still in the pipe, never read
         self.last_progress = time.monotonic()
         self._close_when_drained = False
         os.set_blocking(fd, False)
@@ -902,19 +921,22 @@ class _Writer(object):
 
     def _maybe_close(self):
         if self._close_when_drained and not self.backlog:
-            self.close()
+            self.close(polite=True)
 
     def _fail(self, e):
         reason = 'closed its stdin' if e.errno == errno.EPIPE else 'stdin: %s' % e.strerror
         self.close()
         self.on_error(reason)
 
-    def close(self):
+    def close(self, polite=False):
+        """Close the pipe.  Unless this is the polite EOF after which the module
+        goes on reading, note how much it has not read (see _unread_bytes)."""
         if self.fd is None:
             return
         if self.backlog:
             self.loop.sel.unregister(self.fd)
             del self.backlog[:]
+        self.unread = 0 if polite else _unread_bytes(self.fd)
         os.close(self.fd)
         self.fd = None
 
@@ -971,6 +993,14 @@ class _Module(object):
             env[var] = str(fd)
             pass_fds.append(fd)
         argv = self.block.argv
+        if not os.access(self.block.module, os.X_OK):
+            # Classified as fatal: one clear error, then the longest delay.
+            _log.error("%s: cannot start %s: the file is gone or not executable; "
+                       "restore it (chmod +x); retrying in %g s",
+                       self.label, self.block.module, self.block.maxrestartdelay)
+            self.delay = self.block.maxrestartdelay
+            self._schedule_restart()
+            return
         _log.debug('%s: starting %s', self.label, argv)
         # Our own pipes rather than Popen's file objects: the parent's ends are
         # raw fds owned by _Reader/_Writer; the child's ends are closed here.
@@ -988,8 +1018,8 @@ class _Module(object):
             # Classified as fatal: one clear error, then the longest delay.
             _log.error("%s: cannot start %s: %s; check that it exists, is executable "
                        "and that its #! interpreter is installed; retrying in %g s",
-                       self.label, argv[-1], e.strerror or e, RESTART_DELAY_MAX)
-            self.delay = RESTART_DELAY_MAX
+                       self.label, argv[-1], e.strerror or e, self.block.maxrestartdelay)
+            self.delay = self.block.maxrestartdelay
             self._schedule_restart()
             return
         finally:
@@ -1041,7 +1071,7 @@ class _Module(object):
         if self.stdin:
             self.stdin.close()
         self._signal(signal.SIGTERM)
-        self._kill_timer = self.loop.call_later(KILL_TIMEOUT, self._kill)
+        self._kill_timer = self.loop.call_later(self.block.closetimeout, self._kill)
 
     def _close_then_term(self):
         """The polite stop: stdin is closed (after `quit` for outputs); give it
@@ -1049,19 +1079,19 @@ class _Module(object):
         self.state = 'stopping'
         if self.stdin:
             self.stdin.close_when_drained()
-        self._kill_timer = self.loop.call_later(CLOSE_TIMEOUT, self._term)
+        self._kill_timer = self.loop.call_later(self.block.closetimeout, self._term)
 
     def _term(self):
         if self.proc and self.proc.returncode is None:
             _log.warning('%s (pid %d) did not exit within %g s of quit/EOF; sending SIGTERM',
-                         self.label, self.proc.pid, CLOSE_TIMEOUT)
+                         self.label, self.proc.pid, self.block.closetimeout)
             self._signal(signal.SIGTERM)
-            self._kill_timer = self.loop.call_later(KILL_TIMEOUT, self._kill)
+            self._kill_timer = self.loop.call_later(self.block.closetimeout, self._kill)
 
     def _kill(self):
         if self.proc and self.proc.returncode is None:
             _log.warning('%s (pid %d) did not exit within %g s of SIGTERM; sending SIGKILL',
-                         self.label, self.proc.pid, KILL_TIMEOUT)
+                         self.label, self.proc.pid, self.block.closetimeout)
             self._signal(signal.SIGKILL)
 
     def _signal(self, sig):
@@ -1104,7 +1134,7 @@ class _Module(object):
             self.router.module_done(self)
             return
         delay = self.delay
-        self.delay = min(self.delay * 2, RESTART_DELAY_MAX)
+        self.delay = min(self.delay * 2, self.block.maxrestartdelay)
         self.restarts += 1
         self._restart_timer = self.loop.call_later(delay, self.start)
         return delay
@@ -1156,7 +1186,7 @@ class _Input(_Module):
             _log.info('%s (pid %d): stopping it with SIGTERM', self.label, self.proc.pid)
             self.state = 'stopping'
             self._signal(signal.SIGTERM)
-            self._kill_timer = self.loop.call_later(KILL_TIMEOUT, self._kill)
+            self._kill_timer = self.loop.call_later(self.block.closetimeout, self._kill)
         elif self.state == 'idle':
             self.state = 'done'
             self.router.module_done(self)
@@ -1199,7 +1229,8 @@ class _Output(_Module):
     def __init__(self, router, block):
         _Module.__init__(self, router, block)
         self.queue = collections.deque()
-        self.sending = collections.deque()  # (end offset in stdin.written, data)
+        self.sending = collections.deque()  # (end offset in stdin.written, data), not all written
+        self.written = collections.deque()  # the same, fully written, last PIPE_WINDOW bytes
         self.inflight = None
         self.ready = False                  # configured (and, with confirm, `ok` seen)
         self.queuesize = block.queuesize
@@ -1276,11 +1307,14 @@ class _Output(_Module):
             return
         written = self.stdin.written
         sending = self.sending
+        history = self.written
         n = 0
         while sending and sending[0][0] <= written:
-            sending.popleft()
+            history.append(sending.popleft())
             n += 1
         if n:
+            while history[0][0] < written - PIPE_WINDOW:
+                history.popleft()
             self.delivered += n
             self.router.output_progress(self)
 
@@ -1341,7 +1375,7 @@ class _Output(_Module):
             self.loop.cancel(self._confirm_timer)
             self.retried += 1
             delay = self.retry_delay
-            self.retry_delay = min(self.retry_delay * 2, RESTART_DELAY_MAX)
+            self.retry_delay = min(self.retry_delay * 2, self.block.maxrestartdelay)
             _log.warning('%s: could not deliver an event (%s); resending it in %g s',
                          self.label, line[6:].strip() or 'no reason given', delay)
             self.queue.appendleft(self.inflight)
@@ -1361,11 +1395,16 @@ class _Output(_Module):
             self.loop.cancel(timer)
         self._confirm_timer = self._retry_timer = self._write_timer = None
         self.ready = False
-        # What the dead module did not fully get goes back to the queue's front.
-        back = [data for _, data in self.sending]
+        # What the dead module did not get goes back to the queue's front: the
+        # event in flight, what was not fully written, and what it never read.
+        read_up_to = self.stdin.written - self.stdin.unread
+        unread = [data for end, data in self.written if end > read_up_to]
+        self.delivered -= len(unread)
+        back = unread + [data for _, data in self.sending]
         if self.inflight is not None:
             back.insert(0, self.inflight)
         self.sending.clear()
+        self.written.clear()
         self.inflight = None
         self.queue.extendleft(reversed(back))
         if was == 'stopping' and self._stop_reason is None or self.retiring:
