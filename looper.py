@@ -153,9 +153,9 @@ def _describe_status(status):
 
 
 def _unread_bytes(fd):
-    """How many bytes written into a pipe its reader never took (FIONREAD on
-    the write end: Linux; elsewhere this may answer 0, and then an output
-    without confirm counts those bytes as delivered, as the contract says)."""
+    """How many bytes sit in a pipe, unread (FIONREAD on its read end).  If
+    the platform cannot say, 0: an output without confirm then counts those
+    bytes as delivered, as the contract allows."""
     try:
         import fcntl
         import termios
@@ -870,7 +870,6 @@ class _Writer(object):
         self.on_progress, self.on_error = on_progress, on_error
         self.backlog = bytearray()
         self.written = 0
-        self.unread = 0             # at close: bytes still in the pipe, never read
         self.last_progress = time.monotonic()
         self._close_when_drained = False
         os.set_blocking(fd, False)
@@ -921,22 +920,19 @@ class _Writer(object):
 
     def _maybe_close(self):
         if self._close_when_drained and not self.backlog:
-            self.close(polite=True)
+            self.close()
 
     def _fail(self, e):
         reason = 'closed its stdin' if e.errno == errno.EPIPE else 'stdin: %s' % e.strerror
         self.close()
         self.on_error(reason)
 
-    def close(self, polite=False):
-        """Close the pipe.  Unless this is the polite EOF after which the module
-        goes on reading, note how much it has not read (see _unread_bytes)."""
+    def close(self):
         if self.fd is None:
             return
         if self.backlog:
             self.loop.sel.unregister(self.fd)
             del self.backlog[:]
-        self.unread = 0 if polite else _unread_bytes(self.fd)
         os.close(self.fd)
         self.fd = None
 
@@ -976,6 +972,8 @@ class _Module(object):
         self._restart_timer = None
         self._kill_timer = None
         self._err = None            # _LineReader for stderr
+        self._peek = None           # outputs: our duplicate of the read end of their stdin
+        self.unread = 0             # bytes the module left unread in its stdin at exit
         self._stop_reason = None
 
     # -- starting -----------------------------------------------------------
@@ -1007,14 +1005,21 @@ class _Module(object):
         in_r, in_w = os.pipe()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
+        if self.kind == 'output':
+            # A read end of our own on the module's stdin, only to ask at its
+            # exit how much it never read (so those events are sent again).
+            # The price: no EPIPE for outputs; a module that closes stdin and
+            # lives on is caught by the write deadline instead.
+            self._peek = os.dup(in_r)
         try:
             self.proc = subprocess.Popen(
                 argv, stdin=in_r, stdout=out_w, stderr=err_w,
                 cwd=self.router.config.dir, env=env, pass_fds=pass_fds, close_fds=True,
                 start_new_session=True, preexec_fn=_child_setup)
         except OSError as e:
-            for fd in (in_w, out_r, err_r):
+            for fd in (in_w, out_r, err_r) + ((self._peek,) if self._peek is not None else ()):
                 os.close(fd)
+            self._peek = None
             # Classified as fatal: one clear error, then the longest delay.
             _log.error("%s: cannot start %s: %s; check that it exists, is executable "
                        "and that its #! interpreter is installed; retrying in %g s",
@@ -1028,6 +1033,7 @@ class _Module(object):
         self.starts += 1
         self.started_at = time.monotonic()
         self.state = 'running'
+
         self.router.children[self.proc.pid] = self
         label = '%s pid %d' % (self.label, self.proc.pid)
         self.stdin = _Writer(self.loop, in_w, label, self._on_progress, self._on_stdin_error)
@@ -1118,6 +1124,10 @@ class _Module(object):
                 reader.drain()
         if self.stdin:
             self.stdin.close()
+        if self._peek is not None:
+            self.unread = _unread_bytes(self._peek)
+            os.close(self._peek)
+            self._peek = None
         tail = self._err.flush()
         if tail.strip():
             _log.warning('%s pid %d: %s', self.label, self.proc.pid, tail)
@@ -1168,6 +1178,10 @@ class _Input(_Module):
 
     def _on_progress(self):
         pass
+
+    def _on_stdin_error(self, reason):
+        """An input may exit without reading its configuration: not an error."""
+        _log.debug('%s: %s', self.label, reason)
 
     def _on_stdout(self, data):
         events = self.parser.feed(data)
@@ -1397,7 +1411,7 @@ class _Output(_Module):
         self.ready = False
         # What the dead module did not get goes back to the queue's front: the
         # event in flight, what was not fully written, and what it never read.
-        read_up_to = self.stdin.written - self.stdin.unread
+        read_up_to = self.stdin.written - self.unread
         unread = [data for end, data in self.written if end > read_up_to]
         self.delivered -= len(unread)
         back = unread + [data for _, data in self.sending]

@@ -924,3 +924,158 @@ for i in range(20):
         assert re.search(r"output 'flaky' \(pid \d+\) (exited with status 0|terminated by "
                          r"signal 15) after [\d.]+ s; \d+ events kept in its queue", p.stderr), p.stderr
         assert counters(p.stderr)['output.flaky.restarts'] == 1
+
+
+##############################################################################
+# Delivery: queues, write deadline, confirmed delivery (RELIABILITY.md 10-16)
+##############################################################################
+
+# A confirming output with faults on demand (config keys), each fault once
+# per event number (marker files), logging every event it confirms to
+# $LOOPER_NAME.jsonl:
+#   error_every=K  answer 'error busy' the first time event n%K==0 arrives
+#   hang_at=N      never answer event N the first time (confirm timeout)
+#   die_at=N       exit 1 on event N the first time, before answering
+#   extra_ok_at=N  answer event N with two 'ok' lines the first time (desync)
+#   trickle_at=N   answer event N with 'o' and no newline the first time
+CONFIRMER = r'''
+import json, os, sys, time
+name = os.environ['LOOPER_NAME']
+config = {}
+stdin = sys.stdin.buffer
+for raw in stdin:
+    line = raw.rstrip(b'\n').decode()
+    if line == 'configure':
+        break
+    k, _, v = line.partition('=')
+    config[k] = v
+def once(kind, n):
+    marker = '%s.%s.%s' % (name, kind, n)
+    if os.path.exists(marker):
+        return False
+    open(marker, 'w').close()
+    return True
+def num(key):
+    return int(config[key]) if key in config else None
+out = open(name + '.jsonl', 'a')
+if num('hang_configure') is not None and once('hangconf', 0):
+    time.sleep(1000)
+sys.stdout.write('ok\n'); sys.stdout.flush()
+event = {}
+for raw in stdin:
+    line = raw.rstrip(b'\n').decode()
+    if line == 'quit':
+        break
+    if line != 'go':
+        k, _, v = line.partition('=')
+        event[k] = v
+        continue
+    n = int(event.get('n', -1))
+    reply = 'ok\n'
+    if num('error_every') and n % num('error_every') == 0 and once('error', n):
+        reply = 'error busy\n'
+    elif n == num('hang_at') and once('hang', n):
+        time.sleep(1000)
+    elif n == num('die_at') and once('die', n):
+        sys.exit(1)
+    elif n == num('extra_ok_at') and once('extra', n):
+        reply = 'ok\nok\n'
+    elif n == num('trickle_at') and once('trickle', n):
+        sys.stdout.write('o'); sys.stdout.flush()
+        time.sleep(1000)
+    if reply.startswith('ok'):
+        out.write(json.dumps(event) + '\n'); out.flush()
+    sys.stdout.write(reply); sys.stdout.flush()
+    event = {}
+'''
+
+
+def delivery_conf(tmp, count, outputs, input_extra=''):
+    py_module(tmp, 'src', COUNTER_IN)
+    py_module(tmp, 'rec', RECORDER)
+    py_module(tmp, 'confirmer', CONFIRMER)
+    sh_module(tmp, 'stuck', 'exec sleep 1000\n')
+    text = ("inputmodulepath = .\noutputmodulepath = .\n"
+            "input i {\n module = src\n count = %d\n%s}\n" % (count, input_extra))
+    for name, body in outputs:
+        text += "output %s {\n%s}\n" % (name, body)
+    return config(tmp, text)
+
+
+class TestDelivery(object):
+
+    def test_drop_policy_drops_and_counts_when_the_queue_is_full(self, tmp):
+        conf = delivery_conf(tmp, 2000, [
+            ('fast', " module = rec\n"),
+            ('stuck', " module = stuck\n queuesize = 10\n overflow = drop\n draintimeout = 0.5\n"
+                      " closetimeout = 0.5\n")])
+        p = run([conf])
+        assert p.returncode == 1, p.stderr
+        c = counters(p.stderr)
+        assert numbers_in(tmp, 'fast') == list(range(2000))
+        assert c['output.stuck.dropped'] >= 1900
+        assert c['output.stuck.dropped'] + c['output.stuck.lost'] + \
+            c['output.stuck.delivered'] == 2000
+        assert re.search(r"output 'stuck': queue full \(10 events\), dropped an event", p.stderr)
+
+    def test_block_policy_loses_nothing_with_a_slow_output(self, tmp):
+        py_module(tmp, 'slow', "import time\nexec(open('rec').read().replace("
+                               "\"    if line == 'go':\", \"    if line == 'go':\\n        time.sleep(0.001)\"))\n")
+        conf = delivery_conf(tmp, 1500, [
+            ('slow', " module = slow\n queuesize = 5\n overflow = block\n"),
+            ('fast', " module = rec\n")])
+        p = run([conf])
+        assert p.returncode == 0, p.stderr
+        assert numbers_in(tmp, 'slow') == list(range(1500))
+        assert numbers_in(tmp, 'fast') == list(range(1500))
+        assert counters(p.stderr)['output.slow.dropped'] == 0
+
+    def test_write_deadline_restarts_a_hung_output_and_keeps_its_queue(self, tmp):
+        # First start never reads; later starts record.
+        py_module(tmp, 'hangonce', "import os, time\n"
+                  "if not os.path.exists('hung'):\n"
+                  "    open('hung', 'w').close(); time.sleep(1000)\n"
+                  "exec(open('rec').read())\n")
+        conf = delivery_conf(tmp, 3000, [
+            ('h', " module = hangonce\n writetimeout = 1\n" + FAST)])
+        p = run([conf])
+        assert p.returncode == 0, p.stderr
+        assert re.search(r"output 'h' \(pid \d+\): accepted no data for \d+ s \(writetimeout\); "
+                         r"stopping it with SIGTERM", p.stderr), p.stderr
+        assert numbers_in(tmp, 'h') == list(range(3000))
+
+    def test_confirm_ok_error_retry_and_redelivery(self, tmp):
+        conf = delivery_conf(tmp, 60, [
+            ('c', " module = confirmer\n confirm = yes\n error_every = 7\n die_at = 20\n"
+                  " hang_at = 30\n confirmtimeout = 0.5\n retrydelay = 0.01\n" + FAST)])
+        p = run([conf])
+        assert p.returncode == 0, p.stderr
+        assert numbers_in(tmp, 'c') == list(range(60))
+        c = counters(p.stderr)
+        assert c['output.c.delivered'] == 60
+        assert c['output.c.retried'] == 9           # 0, 7, 14, ... 56
+        assert c['output.c.restarts'] == 2           # died at 20, hung at 30
+        assert 'could not deliver an event (busy); resending it in 0.01 s' in p.stderr
+        assert re.search(r"no ok/error for an event within 0.5 s \(confirmtimeout\)", p.stderr)
+
+    def test_confirm_configure_timeout_desync_and_trickle(self, tmp):
+        conf = delivery_conf(tmp, 30, [
+            ('c', " module = confirmer\n confirm = yes\n hang_configure = 1\n extra_ok_at = 10\n"
+                  " trickle_at = 20\n confirmtimeout = 0.5\n" + FAST)])
+        p = run([conf])
+        assert p.returncode == 0, p.stderr
+        assert 'no ok/error for configure within 0.5 s' in p.stderr
+        assert "protocol desync: got 'ok' when no reply was due" in p.stderr
+        assert numbers_in(tmp, 'c')[-1] == 29
+        # At least once and in order: a duplicate may follow a restart.
+        got = numbers_in(tmp, 'c')
+        assert sorted(set(got)) == list(range(30))
+        assert all(b >= a or b == a - 1 for a, b in zip(got, got[1:])), got
+
+    def test_confirmed_events_survive_a_looper_stop_with_a_dead_output(self, tmp):
+        """Shutdown waits for the restarted output to confirm its queue."""
+        conf = delivery_conf(tmp, 40, [
+            ('c', " module = confirmer\n confirm = yes\n die_at = 39\n" + FAST)])
+        p = run([conf])
+        assert p.returncode == 0, p.stderr
+        assert numbers_in(tmp, 'c') == list(range(40))
