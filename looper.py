@@ -1267,8 +1267,18 @@ class _Output(_Module):
     def full(self):
         return self.depth() >= self.queuesize
 
+    def idle_at_shutdown(self):
+        """Nothing left for this output: its queue is empty and no event
+        is waiting to be routed."""
+        return not self.depth() and not self.router.input.pending
+
     def enqueue(self, data):
-        if self.depth() >= self.queuesize and not self.blocking or self.state == 'done':
+        if self.state == 'done':
+            self.dropped += 1
+            self._drop_warn(logging.ERROR, '%s has stopped; dropped an event; %d dropped so far',
+                            self.label, self.dropped)
+            return
+        if self.depth() >= self.queuesize and not self.blocking:
             self.dropped += 1
             self._drop_warn(logging.WARNING, "%s: queue full (%d events), dropped an event; "
                             "%d dropped so far", self.label, self.queuesize, self.dropped)
@@ -1426,7 +1436,7 @@ class _Output(_Module):
             self._finish()
             return
         self._stop_reason = None
-        if self.router.stopping and self.draining and not self.queue:
+        if self.router.stopping and self.draining and self.idle_at_shutdown():
             _log.info('%s', self.describe_exit(how, uptime))
             self._finish()
             return
@@ -1441,7 +1451,7 @@ class _Output(_Module):
         queue, then `quit`; give up after draintimeout and count the rest."""
         self.draining = True
         self._drain_deadline = self.loop.call_later(self.block.draintimeout, self._give_up)
-        if self._restart_timer is not None and self.state == 'idle' and not self.queue:
+        if self._restart_timer is not None and self.state == 'idle' and self.idle_at_shutdown():
             self.loop.cancel(self._restart_timer)
             self._restart_timer = None
             self._finish()
@@ -1449,9 +1459,8 @@ class _Output(_Module):
         self._maybe_quit()
 
     def _maybe_quit(self):
-        if (self.draining and self.state == 'running' and self.ready and not self.queue
-                and not self.sending and self.inflight is None and self._stop_reason is None
-                and not self.router.input.pending):
+        if (self.draining and self.state == 'running' and self.ready
+                and self._stop_reason is None and self.idle_at_shutdown()):
             _log.debug('%s: queue delivered; sending quit', self.label)
             self.stdin.write(b'quit\n')
             self._close_then_term()

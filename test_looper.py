@@ -1079,3 +1079,205 @@ class TestDelivery(object):
         p = run([conf])
         assert p.returncode == 0, p.stderr
         assert numbers_in(tmp, 'c') == list(range(40))
+
+
+##############################################################################
+# Operations: reload, log reopen, counters (RELIABILITY.md 20-22)
+##############################################################################
+
+# An input that emits one event per line appended to 'feed' (so tests pace
+# it), and exits 0 when the line 'END' arrives.
+FEED_IN = r'''
+import os, sys, time
+sys.stdin.read()
+pos = 0
+while True:
+    try:
+        with open('feed') as f:
+            f.seek(pos)
+            data = f.read()
+    except OSError:
+        data = ''
+    if data.endswith('\n'):
+        pos += len(data)
+        for line in data.splitlines():
+            if line == 'END':
+                sys.exit(0)
+            sys.stdout.write('n=%s\ngo\n' % line)
+        sys.stdout.flush()
+    time.sleep(0.01)
+'''
+
+
+def feed(directory, *lines):
+    with open(os.path.join(directory, 'feed'), 'a') as f:
+        f.write(''.join('%s\n' % line for line in lines))
+
+
+class TestOperations(object):
+
+    def setup_conf(self, tmp, rules, outputs=('a', 'b'), extra=''):
+        py_module(tmp, 'feedin', FEED_IN)
+        py_module(tmp, 'rec', RECORDER)
+        write(os.path.join(tmp, 'r.rules'), rules)
+        text = ("inputmodulepath = .\noutputmodulepath = .\nrulesfile = r.rules\nlogfile = looper.log\n"
+                + extra + "input i { module = feedin }\n")
+        for name in outputs:
+            text += "output %s { module = rec\n closetimeout = 1 }\n" % name
+        return config(tmp, text)
+
+    def test_reload_keeps_unchanged_modules_and_rules_state_and_refuses_bad_configs(self, tmp):
+        rules = ("try:\n    seen += 1\nexcept NameError:\n    seen = 1\n"
+                 "outputTokens['seen'] = seen\nwriteTo(*sorted(OUTS))\n")
+        conf = self.setup_conf(tmp, "OUTS = ['a', 'b']\n" + rules)
+        logfile = os.path.join(tmp, 'looper.log')
+        looper = Looper(conf)
+        feed(tmp, 1, 2)
+        wait_until(lambda: len(recorded(tmp, 'b')) == 2)
+        pids = dict((n, children_of(looper.proc.pid)) for n in ('before',))
+        # A bad new configuration: logged, the old one keeps running.
+        good = read(conf)
+        write(conf, good + "output broken {\n")
+        looper.signal(signal.SIGHUP)
+        wait_until(lambda: 'reload refused' in read(logfile), what='reload refused')
+        assert 'never closed' in read(logfile)
+        feed(tmp, 3)
+        wait_until(lambda: len(recorded(tmp, 'b')) == 3)
+        # A good one: output b removed, c added, rules file unchanged -> state kept.
+        write(conf, good.replace("output b { module = rec\n closetimeout = 1 }\n",
+                                 "output c { module = rec\n closetimeout = 1 }\n"))
+        write(os.path.join(tmp, 'r.rules'), "OUTS = ['a', 'c']\n" + rules)
+        looper.signal(signal.SIGHUP)
+        wait_until(lambda: 'reloaded:' in read(logfile))
+        feed(tmp, 4)
+        wait_until(lambda: len(recorded(tmp, 'c')) == 1)
+        feed(tmp, 'END')
+        assert looper.wait() == 0, read(logfile)
+        a = recorded(tmp, 'a')
+        assert [e['n'] for e in a] == ['1', '2', '3', '4']
+        # The rules file changed, so its state started over.
+        assert [e['seen'] for e in a] == ['1', '2', '3', '1']
+        assert [e['n'] for e in recorded(tmp, 'b')] == ['1', '2', '3']
+        log = read(logfile)
+        assert "output 'b' was changed or removed by the reload" in log
+        # Unchanged modules kept running: one start each of i and a.
+        assert log.count("starting") == 1
+        assert len(re.findall(r"output 'a' \(pid", log)) <= 1
+
+    def test_reload_keeps_rules_state_when_the_file_is_unchanged(self, tmp):
+        conf = self.setup_conf(tmp, "try:\n    seen += 1\nexcept NameError:\n    seen = 1\n"
+                                    "outputTokens['seen'] = seen\nwriteTo('a')\n", outputs=('a',))
+        looper = Looper(conf)
+        feed(tmp, 1)
+        wait_until(lambda: len(recorded(tmp, 'a')) == 1)
+        looper.signal(signal.SIGHUP)
+        wait_until(lambda: 'reloaded:' in read(os.path.join(tmp, 'looper.log')))
+        feed(tmp, 2, 'END')
+        assert looper.wait() == 0
+        assert [e['seen'] for e in recorded(tmp, 'a')] == ['1', '2']
+
+    def test_sighup_reopens_the_log_file(self, tmp):
+        conf = self.setup_conf(tmp, "writeTo('a')\n", outputs=('a',))
+        logfile = os.path.join(tmp, 'looper.log')
+        looper = Looper(conf)
+        wait_until(lambda: 'starting' in read(logfile))
+        os.rename(logfile, logfile + '.1')
+        looper.signal(signal.SIGHUP)
+        wait_until(lambda: 'reloaded:' in read(logfile), what='a new log file')
+        feed(tmp, 'END')
+        assert looper.wait() == 0
+        assert 'finished:' in read(logfile) and 'finished:' not in read(logfile + '.1')
+
+    def test_sigusr1_logs_counters_a_script_can_parse(self, tmp):
+        conf = self.setup_conf(tmp, "if inputTokens['n'] == 'bad':\n    1 / 0\nwriteTo('a')\n",
+                               outputs=('a',))
+        looper = Looper(conf)
+        feed(tmp, 1, 2, 'bad', 3)
+        wait_until(lambda: len(recorded(tmp, 'a')) == 3)
+        looper.signal(signal.SIGUSR1)
+        wait_until(lambda: 'counters: ' in read(os.path.join(tmp, 'looper.log')))
+        c = counters(read(os.path.join(tmp, 'looper.log')))
+        assert c['events_in'] == 4 and c['rules_errors'] == 1
+        assert c['output.a.delivered'] == 3 and c['output.a.queued'] == 0
+        assert c['input.i.restarts'] == 0
+        feed(tmp, 'END')
+        assert looper.wait() == 0
+
+    def test_a_second_sigterm_stops_without_draining(self, tmp):
+        py_module(tmp, 'src', COUNTER_IN)
+        sh_module(tmp, 'stuck', 'exec sleep 1000\n')
+        conf = config(tmp, "inputmodulepath = .\noutputmodulepath = .\n"
+                           "input i { module = src\n count = 50 }\n"
+                           "output s { module = stuck\n draintimeout = 60\n closetimeout = 0.5 }\n")
+        looper = Looper(conf)
+        looper.wait_log('stopping: the input finished')
+        looper.signal(signal.SIGTERM)
+        looper.wait_log('second stop request')
+        assert looper.wait(10) == 1
+        assert counters(looper.log())['output.s.lost'] == 50
+
+
+##############################################################################
+# Chaos: many events, random kills and errors (RELIABILITY.md 16)
+##############################################################################
+
+class TestChaos(object):
+
+    def test_chaos(self, tmp):
+        import random
+        rng = random.Random(1234)
+        total = 10000
+        # A confirming output that answers 'error' at random (2%) and an
+        # unconfirmed one; the test kills random modules while events flow.
+        py_module(tmp, 'src', COUNTER_IN.replace("out.flush()", "out.flush()\nimport time\ntime.sleep(0.2)"))
+        py_module(tmp, 'rec', RECORDER)
+        py_module(tmp, 'flaky', CONFIRMER.replace(
+            "    reply = 'ok\\n'\n",
+            "    reply = 'ok\\n'\n    import random\n"
+            "    if random.random() < 0.02:\n        reply = 'error random\\n'\n"))
+        conf = config(tmp, "inputmodulepath = .\noutputmodulepath = .\n"
+                           "input i { module = src\n count = %d }\n"
+                           "output c1 {\n module = flaky\n confirm = yes\n retrydelay = 0.001\n"
+                           " queuesize = 200\n confirmtimeout = 2\n%s}\n"
+                           "output c2 {\n module = flaky\n confirm = yes\n retrydelay = 0.001\n"
+                           " queuesize = 200\n confirmtimeout = 2\n%s}\n"
+                           "output u {\n module = rec\n queuesize = 200\n%s}\n"
+                           % (total, FAST, FAST, FAST))
+        looper = Looper(conf)
+        kills = 0
+        deadline = time.monotonic() + 40
+        while looper.proc.poll() is None and time.monotonic() < deadline:
+            # Outputs only: the counting input replays from 0 when restarted
+            # (input restarts are tested with syslog_in's state file).
+            victims = [c for c in children_of(looper.proc.pid)
+                       if not proc_status(c)['State'].startswith('Z')
+                       and '/src' not in read('/proc/%d/cmdline' % c)]
+            if victims and rng.random() < 0.5:
+                try:
+                    os.kill(rng.choice(victims), signal.SIGKILL)
+                    kills += 1
+                except OSError:
+                    pass
+            time.sleep(rng.uniform(0.01, 0.05))
+        status = looper.wait(60)
+        log = looper.log()
+        c = counters(log)
+        for name in ('c1', 'c2'):
+            got = numbers_in(tmp, name)
+            # Every event at least once, in order (a resend may repeat the
+            # event just before it, never go back further).
+            assert sorted(set(got)) == list(range(total)), name
+            assert all(b >= a or b == a - 1 for a, b in zip(got, got[1:])), name
+            assert c['output.%s.lost' % name] == 0
+        u = numbers_in(tmp, 'u')
+        unconfirmed_lost = total - len(set(u))
+        # Without confirm, a loss is possible only where a module died with
+        # events it had read but not written out; then it must be counted...
+        # except those a killed module had read: Looper cannot see those.
+        assert c['output.u.lost'] + c['output.u.dropped'] <= unconfirmed_lost
+        print('chaos: %d events, %d kills, %d+%d error replies, restarts c1=%d c2=%d u=%d '
+              'input=%d, unconfirmed missing=%d, status=%d' % (
+                  total, kills, c['output.c1.retried'], c['output.c2.retried'],
+                  c['output.c1.restarts'], c['output.c2.restarts'], c['output.u.restarts'],
+                  c['input.i.restarts'], unconfirmed_lost, status))
+        assert kills >= 10
