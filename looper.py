@@ -74,13 +74,6 @@ EX_SOFTWARE = 1              # anything else: a module failed, events were lost
 EX_USAGE = 2                 # bad command line (argparse's own code)
 EX_CONFIG = 78               # EX_CONFIG from sysexits.h: bad configuration or rules
 
-# Keys of a block that Looper reads itself (they are still sent to the module).
-_BLOCK_KEYS = {
-    'input': ('module', 'restartdelay', 'maxrestartdelay', 'closetimeout'),
-    'output': ('module', 'restartdelay', 'maxrestartdelay', 'closetimeout', 'queuesize',
-               'overflow', 'confirm', 'confirmtimeout', 'writetimeout', 'retrydelay',
-               'draintimeout'),
-}
 _TOP_KEYS = ('inputmodulepath', 'outputmodulepath', 'rulesfile', 'logfile',
              'loglevel', 'maxline')
 _LOG_LEVELS = ('debug', 'info', 'warning', 'error')
@@ -1441,7 +1434,7 @@ class _Output(_Module):
             self._finish()
             return
         delay = self._schedule_restart()
-        _log.warning('%s; %d events kept in its queue; restarting it in %g s',
+        _log.warning('%s; %d event(s) kept in its queue; restarting it in %g s',
                      self.describe_exit(how, uptime), len(self.queue), delay)
 
     # -- shutdown -----------------------------------------------------------
@@ -1884,6 +1877,7 @@ def _run(config_path, options):
         print('%s: cannot open the log file: %s' % (config_path, e), file=sys.stderr)
         return EX_CONFIG
     loop = _Loop()
+    _log.debug('event loop: %r', loop)
     router = _Router(loop, config, rules)
     _Signals(loop, router, lambda: _reload(router, config_path, options))
     router.start()

@@ -564,13 +564,16 @@ class TestRules(object):
 
 class TestRouting(object):
 
-    def test_batch_run_delivers_everything_to_every_output_and_exits_0(self, tmp):
+    @pytest.mark.parametrize('selector', ['poll', 'select'])
+    def test_batch_run_delivers_everything_to_every_output_and_exits_0(self, tmp, selector):
         py_module(tmp, 'src', COUNTER_IN)
         py_module(tmp, 'rec', RECORDER)
         conf = config(tmp, "inputmodulepath = .\noutputmodulepath = .\n"
                            "input i { module = src\n count = 5000 }\n"
                            "output a { module = rec }\noutput b { module = rec }\n")
-        p = run([conf])
+        env = dict(os.environ, LOOPER_SELECTOR=selector)
+        p = run([conf, '-v'], env=env)
+        assert ('<_Loop %sSelector' % selector.capitalize()) in p.stderr
         assert p.returncode == 0, p.stderr
         assert numbers_in(tmp, 'a') == list(range(5000))
         assert numbers_in(tmp, 'b') == list(range(5000))
@@ -922,7 +925,7 @@ for i in range(20):
         assert p.returncode == 0, p.stderr
         assert numbers_in(tmp, 'flaky') == list(range(20))
         assert re.search(r"output 'flaky' \(pid \d+\) (exited with status 0|terminated by "
-                         r"signal 15) after [\d.]+ s; \d+ events kept in its queue", p.stderr), p.stderr
+                         r"signal 15) after [\d.]+ s; \d+ event\(s\) kept in its queue", p.stderr), p.stderr
         assert counters(p.stderr)['output.flaky.restarts'] == 1
 
 
