@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import pytest
@@ -1221,6 +1222,753 @@ class TestOperations(object):
 
 
 ##############################################################################
+# The shipped modules on their own (syslog_in, logfile_out)
+##############################################################################
+
+
+SYSLOG_IN = os.path.join(HERE, 'modules', 'syslog_in')
+LOGFILE_OUT = os.path.join(HERE, 'modules', 'logfile_out')
+_MOD_PY = PY
+_MOD_DEADLINE = 20.0        # seconds: the longest any single wait here may take
+_MOD_TIME = re.compile(r'^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d$')
+
+
+##############################################################################
+# Helpers for the shipped modules' tests (prefixed _mod_)
+##############################################################################
+
+def _mod_wait(predicate, what, timeout=_MOD_DEADLINE):
+    """Poll an observable condition until it holds; fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError('timed out after %g s waiting for %s' % (timeout, what))
+        time.sleep(0.01)
+
+
+def _mod_config(**keys):
+    return ''.join('%s=%s\n' % item for item in keys.items()).encode()
+
+
+def _mod_events(data):
+    """Protocol bytes -> list of events, each a list of (token, value) str pairs."""
+    events, current = [], []
+    for line in data.decode('utf-8', 'surrogateescape').split('\n'):
+        if line == 'go':
+            events.append(current)
+            current = []
+        elif line:
+            token, sep, value = line.partition('=')
+            assert sep, 'not token=value: %r' % line
+            current.append((token, value))
+    assert not current, 'an event without its go: %r' % current
+    return events
+
+
+def _mod_syslog_in(directory, text=None, config=None, env=None, **keys):
+    """Run syslog_in in batch mode over `text` (bytes or str) written to
+    directory/in.log; returns (events, CompletedProcess)."""
+    if text is not None:
+        with open(os.path.join(directory, 'in.log'), 'wb') as f:
+            f.write(text if isinstance(text, bytes) else text.encode('utf-8', 'surrogateescape'))
+        keys.setdefault('logfile', 'in.log')
+    p = subprocess.run([_MOD_PY, SYSLOG_IN], input=config or _mod_config(**keys),
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=directory,
+                       env=env, timeout=_MOD_DEADLINE)
+    assert b'Traceback' not in p.stderr, p.stderr.decode()
+    return _mod_events(p.stdout), p
+
+
+def _mod_one(directory, line):
+    """The tokens (a dict, in order) of the single event for one line."""
+    events, p = _mod_syslog_in(directory, line + '\n')
+    assert p.returncode == 0, p.stderr
+    assert len(events) == 1, events
+    return events[0]
+
+
+class _ModStream(object):
+    """Collects what a process writes on one pipe, in a thread."""
+
+    def __init__(self, stream):
+        self.data = b''
+        self.closed = False
+        self._stream = stream
+        self._thread = threading.Thread(target=self._run)
+        self._thread.daemon = True
+        self._thread.start()
+
+    def _run(self):
+        while True:
+            chunk = os.read(self._stream.fileno(), 65536)
+            if not chunk:
+                self.closed = True
+                return
+            self.data += chunk
+
+    def events(self):
+        data = self.data
+        return _mod_events(data[:data.rfind(b'go\n') + 3] if b'go\n' in data else b'')
+
+    def wait_events(self, count, what='events'):
+        return _mod_wait(lambda: len(self.events()) >= count and self.events(),
+                         '%d %s (have %r)' % (count, what, self.data[-300:]))
+
+
+class _ModProcess(object):
+    """A module running in the background; stop() kills it if still there."""
+
+    def __init__(self, module, directory, config=None, env=None, stdin_open=False):
+        self.proc = subprocess.Popen([_MOD_PY, module], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     cwd=directory, env=env)
+        self.out = _ModStream(self.proc.stdout)
+        self.err = _ModStream(self.proc.stderr)
+        if config is not None:
+            self.proc.stdin.write(config)
+            self.proc.stdin.flush()
+        if not stdin_open:
+            self.proc.stdin.close()
+
+    def send(self, text):
+        self.proc.stdin.write(text.encode('utf-8', 'surrogateescape') if isinstance(text, str) else text)
+        self.proc.stdin.flush()
+
+    def replies(self):
+        return self.out.data.decode().splitlines()
+
+    def wait_replies(self, count):
+        return _mod_wait(lambda: len(self.replies()) >= count and self.replies(),
+                         '%d replies (have %r, stderr %r)' % (count, self.out.data, self.err.data))
+
+    def wait_exit(self):
+        return self.proc.wait(timeout=_MOD_DEADLINE)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=_MOD_DEADLINE)
+        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            try:
+                f.close()
+            except (OSError, ValueError):
+                pass
+
+
+def _mod_file_events(path):
+    """The events of a logfile_out logfmt file as (time, rest) pairs."""
+    try:
+        with open(path, 'rb') as f:
+            lines = f.read().decode('utf-8', 'surrogateescape').split('\n')
+    except OSError:
+        return []
+    assert lines.pop() == '', 'the last line has no newline'
+    return [tuple(line.split(' ', 1)) if ' ' in line else (line, '') for line in lines]
+
+
+def _mod_logfile_out(directory, events_text, stdin_tail='quit\n', env=None, **keys):
+    """Run logfile_out with the given configuration and protocol text;
+    returns the CompletedProcess."""
+    keys.setdefault('filename', 'out.log')
+    data = _mod_config(**keys) + b'configure\n' + events_text.encode('utf-8', 'surrogateescape') \
+        + stdin_tail.encode()
+    p = subprocess.run([_MOD_PY, LOGFILE_OUT], input=data, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, cwd=directory, env=env, timeout=_MOD_DEADLINE)
+    assert b'Traceback' not in p.stderr, p.stderr.decode()
+    return p
+
+
+LINES_OF_EVERY_KIND = [
+    'Nov 22 07:39:24 prometheus kernel: Out of memory: Killed process 123',
+    'Nov  2 07:39:24 dope sshd[412]: Failed password for root from 10.0.0.1 port 22 ssh2',
+    '<38>Nov 22 07:39:24 dope sshd[412]: Accepted password for weed',
+    '2026-11-22T07:39:24.123456+00:00 weed CRON[99]: (root) CMD (true)',
+    '<34>1 2026-11-22T07:39:24Z gw1 su 77 ID47 - su root failed',
+    'Nov 22 07:39:24 gw1 -- MARK --',
+    'this is not syslog',
+    '<999>Nov 22 07:39:24 gw1 x: y',
+    'Nov 22 07:39:24 gw1 a[]: b',
+    '2026-11-22T08:29:01.762283+00:00 vm myapp[4242] rsyslog writes RFC 5424 so',
+    'Nov 22 07:39:24 gw1 foo bar',
+]
+
+
+##############################################################################
+# Tests
+##############################################################################
+
+class TestModules(object):
+
+    # -- syslog_in: formats ---------------------------------------------------
+
+    def test_syslog_in_bsd_line(self, tmp_path):
+        event = _mod_one(str(tmp_path), 'Nov 22 07:39:24 dope sshd[412]: Failed password '
+                                        'for root from 10.0.0.1 port 22 ssh2')
+        assert event == [('date', 'Nov 22 07:39:24'), ('node', 'dope'),
+                         ('desc', 'sshd[412]: Failed password for root from 10.0.0.1 port 22 ssh2'),
+                         ('program', 'sshd'), ('pid', '412'),
+                         ('message', 'Failed password for root from 10.0.0.1 port 22 ssh2')]
+
+    def test_syslog_in_bsd_space_padded_day_and_no_pid(self, tmp_path):
+        event = _mod_one(str(tmp_path), 'Nov  2 07:39:24 prometheus kernel: Out of memory: '
+                                        'Killed process 123')
+        assert event == [('date', 'Nov  2 07:39:24'), ('node', 'prometheus'),
+                         ('desc', 'kernel: Out of memory: Killed process 123'),
+                         ('program', 'kernel'), ('message', 'Out of memory: Killed process 123')]
+
+    @pytest.mark.parametrize('date', ['2026-11-22T07:39:24.123456+00:00', '2026-11-22T07:39:24Z',
+                                      '2026-11-22T07:39:24-05:00'])
+    def test_syslog_in_rfc3339_line(self, tmp_path, date):
+        event = _mod_one(str(tmp_path), date + ' weed CRON[99]: (root) CMD (true)')
+        assert event == [('date', date), ('node', 'weed'), ('desc', 'CRON[99]: (root) CMD (true)'),
+                         ('program', 'CRON'), ('pid', '99'), ('message', '(root) CMD (true)')]
+
+    def test_syslog_in_tag_with_pid_but_no_colon(self, tmp_path):
+        # rsyslog's file format for a message it received as RFC 5424.
+        event = _mod_one(str(tmp_path), '2026-11-22T08:29:01.762283+00:00 vm myapp[4242] '
+                                        'Failed password for x')
+        assert event == [('date', '2026-11-22T08:29:01.762283+00:00'), ('node', 'vm'),
+                         ('desc', 'myapp[4242] Failed password for x'), ('program', 'myapp'),
+                         ('pid', '4242'), ('message', 'Failed password for x')]
+        assert _mod_one(str(tmp_path), 'Nov 22 07:39:24 gw1 no tag here') == [
+            ('date', 'Nov 22 07:39:24'), ('node', 'gw1'), ('desc', 'no tag here')]
+
+    def test_syslog_in_pri_prefix(self, tmp_path):
+        event = dict(_mod_one(str(tmp_path), '<38>Nov 22 07:39:24 dope sshd[1]: Accepted'))
+        assert event['facility'] == 'auth' and event['severity'] == 'info'    # 38 = 4*8 + 6
+        assert event['date'] == 'Nov 22 07:39:24' and event['program'] == 'sshd'
+        event = dict(_mod_one(str(tmp_path), '<3>2026-11-22T07:39:24Z gw1 kernel: oops'))
+        assert (event['facility'], event['severity']) == ('kern', 'err')
+        assert 'facility' not in dict(_mod_one(str(tmp_path), 'Nov 22 07:39:24 dope x: y'))
+
+    def test_syslog_in_rfc5424(self, tmp_path):
+        event = _mod_one(str(tmp_path), '<34>1 2026-11-22T07:39:24.003Z gw1 su 77 ID47 '
+                                        '[origin ip="192.0.2.1"] \ufeffsu root failed on /dev/pts/8')
+        assert event == [('date', '2026-11-22T07:39:24.003Z'), ('node', 'gw1'),
+                         ('desc', 'su[77]: su root failed on /dev/pts/8'), ('program', 'su'),
+                         ('pid', '77'), ('message', 'su root failed on /dev/pts/8'),
+                         ('msgid', 'ID47'), ('sd', '[origin ip="192.0.2.1"]'),
+                         ('facility', 'auth'), ('severity', 'crit')]
+        nil = dict(_mod_one(str(tmp_path), '<13>1 - myhost - - - - hello'))
+        assert nil == {'node': 'myhost', 'desc': 'hello', 'message': 'hello',
+                       'facility': 'user', 'severity': 'notice'}
+
+    @pytest.mark.parametrize('line', ['this is not syslog at all', 'Nov 22 7:39:24 x y: z',
+                                      '<999>Nov 22 07:39:24 gw1 x: y', '<34>2 2026-11-22T07:39:24Z h a - - - m',
+                                      '   indented', 'key=value = like'])
+    def test_syslog_in_unparseable_line_is_desc_only(self, tmp_path, line):
+        assert _mod_one(str(tmp_path), line) == [('desc', line)]
+
+    def test_syslog_in_leaves_missing_fields_out(self, tmp_path):
+        events, p = _mod_syslog_in(str(tmp_path), 'Nov 22 07:39:24 gw1 -- MARK --\n'
+                                   'Nov 22 07:39:24 gw1\n'
+                                   'Nov 22 07:39:24 gw1 last message repeated 3 times\n'
+                                   'Nov 22 07:39:24 gw1 prog[]:\n'
+                                   'Nov 22 07:39:24 gw1 prog: \n')
+        assert events == [
+            [('date', 'Nov 22 07:39:24'), ('node', 'gw1'), ('desc', '-- MARK --')],
+            [('date', 'Nov 22 07:39:24'), ('node', 'gw1')],
+            [('date', 'Nov 22 07:39:24'), ('node', 'gw1'), ('desc', 'last message repeated 3 times')],
+            [('date', 'Nov 22 07:39:24'), ('node', 'gw1'), ('desc', 'prog[]:'), ('program', 'prog')],
+            [('date', 'Nov 22 07:39:24'), ('node', 'gw1'), ('desc', 'prog: '), ('program', 'prog')]]
+        for event in events:
+            assert all(value for token, value in event)
+
+    def test_syslog_in_skips_only_empty_lines(self, tmp_path):
+        events, p = _mod_syslog_in(str(tmp_path), '\n\nNov 22 07:39:24 a b: c\n\n \n\n')
+        assert [dict(e).get('desc') for e in events] == ['b: c', ' ']
+
+    def test_syslog_in_crlf_and_inner_cr(self, tmp_path):
+        events, p = _mod_syslog_in(str(tmp_path), b'Nov 22 07:39:24 a b: c\r\n'
+                                   b'Nov 22 07:39:24 a b: one\rtwo\r\nplain\rtext\r\n')
+        assert p.returncode == 0
+        assert dict(events[0])['message'] == 'c'
+        assert dict(events[1])['message'] == 'one\\rtwo'          # the two characters \ r
+        assert events[2] == [('desc', 'plain\\rtext')]
+        assert b'\r' not in p.stdout
+
+    def test_syslog_in_invalid_utf8_passes_through_byte_exact(self, tmp_path):
+        raw = b'Nov 22 07:39:24 h\xe9 prog: caf\xc3\xa9 \xff\xfe\x00 end\n\xc3(\n'
+        events, p = _mod_syslog_in(str(tmp_path), raw)
+        assert b'node=h\xe9\n' in p.stdout
+        assert b'message=caf\xc3\xa9 \xff\xfe\x00 end\n' in p.stdout
+        assert b'desc=\xc3(\ngo\n' in p.stdout
+        assert len(events) == 2
+
+    def test_syslog_in_fast_and_careful_paths_agree(self, tmp_path):
+        # The chunk-wide parser takes the common shapes; with a small maxline
+        # it is off and every line goes through the line-by-line one.  The
+        # events must be the same either way.
+        text = '\n'.join(LINES_OF_EVERY_KIND * 50 + ['Nov 22 07:39:24 h p[%d]: m %d' % (i, i)
+                                                     for i in range(100)]) + '\n'
+        fast, p = _mod_syslog_in(str(tmp_path), text)
+        careful, p = _mod_syslog_in(str(tmp_path), text, maxline='2000')
+        assert p.returncode == 0 and p.stderr == b''
+        assert len(fast) == len(LINES_OF_EVERY_KIND) * 50 + 100
+        assert fast == careful
+
+    def test_syslog_in_last_line_without_newline_in_batch_mode(self, tmp_path):
+        events, p = _mod_syslog_in(str(tmp_path), 'Nov 22 07:39:24 a b: one\nNov 22 07:39:24 a b: two')
+        assert p.returncode == 0
+        assert [dict(e)['message'] for e in events] == ['one', 'two']
+
+    def test_syslog_in_many_lines_split_across_reads(self, tmp_path):
+        lines = ['Nov 22 07:39:24 host%d prog[%d]: message %d %s' % (i % 7, i, i, 'x' * (i % 300))
+                 for i in range(20000)]
+        events, p = _mod_syslog_in(str(tmp_path), '\n'.join(lines) + '\n')
+        assert p.returncode == 0
+        assert len(events) == 20000
+        assert [dict(e)['pid'] for e in events] == [str(i) for i in range(20000)]
+        assert dict(events[12345])['message'] == 'message 12345 ' + 'x' * (12345 % 300)
+
+    def test_syslog_in_cuts_overlong_lines(self, tmp_path):
+        events, p = _mod_syslog_in(str(tmp_path), 'Nov 22 07:39:24 a b: ' + 'x' * 5000 + '\nnext\n',
+                                   maxline='1000')
+        assert p.returncode == 0
+        assert len(events) == 2 and events[1] == [('desc', 'next')]
+        assert len(dict(events[0])['desc']) == 1000 - len('Nov 22 07:39:24 a ')
+        assert b'cut' in p.stderr
+
+    def test_syslog_in_example_sample_log(self, tmp_path):
+        sample = os.path.join(HERE, 'examples', 'sample.log')
+        events, p = _mod_syslog_in(str(tmp_path), logfile=sample)
+        assert p.returncode == 0
+        with open(sample) as f:
+            assert len(events) == len([line for line in f if line.strip()])
+        kernel = [dict(e)['node'] for e in events if dict(e).get('desc', '').startswith('kernel')]
+        assert {'prometheus', 'dope', 'weed'} <= set(kernel)
+
+    # -- syslog_in: configuration and sources --------------------------------
+
+    def test_syslog_in_filename_alias_and_unknown_keys(self, tmp_path):
+        events, p = _mod_syslog_in(str(tmp_path), 'Nov 22 07:39:24 a b: c\n',
+                                   config=b'module=syslog_in\nfilename=in.log\nwhatever=1\n\n')
+        assert p.returncode == 0 and len(events) == 1
+
+    def test_syslog_in_configuration_errors(self, tmp_path):
+        for config, message in ((b'module=syslog_in\n', b'no logfile'),
+                                (b'logfile=missing.log\n', b"cannot open logfile 'missing.log'"),
+                                (b'logfile=.\n', b'not a regular file'),
+                                (b'logfile=-\nfollow=maybe\n', b'follow must be yes or no'),
+                                (b'logfile=-\nstart=middle\n', b'start must be'),
+                                (b'logfile=-\nsleeptime=soon\n', b'sleeptime must be')):
+            events, p = _mod_syslog_in(str(tmp_path), config=config)
+            assert p.returncode == 1, config
+            assert message in p.stderr and p.stderr.count(b'\n') == 1, p.stderr
+            assert events == []
+
+    def test_syslog_in_dash_reads_looper_stdin_fd(self, tmp_path):
+        r, w = os.pipe()
+        os.write(w, b'Nov 22 07:39:24 a b[1]: from the pipe\nnot syslog\n')
+        os.close(w)
+        env = dict(os.environ, LOOPER_STDIN_FD=str(r))
+        p = subprocess.run([_MOD_PY, SYSLOG_IN], input=b'logfile=-\n', stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, env=env, pass_fds=(r,), timeout=_MOD_DEADLINE)
+        os.close(r)
+        assert p.returncode == 0, p.stderr
+        events = _mod_events(p.stdout)
+        assert [dict(e)['desc'] for e in events] == ['b[1]: from the pipe', 'not syslog']
+
+    def test_syslog_in_dash_without_variable_reads_fd_0(self, tmp_path):
+        # By hand: the configuration, then (after its EOF) the data on fd 0.
+        # Here fd 0 is a file, so after the configuration's EOF nothing is left.
+        events, p = _mod_syslog_in(str(tmp_path), config=b'logfile=-\n',
+                                   env=dict((k, v) for k, v in os.environ.items()
+                                            if k != 'LOOPER_STDIN_FD'))
+        assert p.returncode == 0 and events == []
+
+    def test_syslog_in_start_end_in_batch_mode(self, tmp_path):
+        events, p = _mod_syslog_in(str(tmp_path), 'Nov 22 07:39:24 a b: c\n', start='end')
+        assert p.returncode == 0 and events == []
+
+    # -- syslog_in: follow mode ----------------------------------------------
+
+    def test_syslog_in_follow_picks_up_appended_lines(self, tmp_path):
+        path = tmp_path / 'f.log'
+        path.write_text('Nov 22 07:39:24 a b: one\n')
+        m = _ModProcess(SYSLOG_IN, str(tmp_path), _mod_config(logfile='f.log', follow='yes',
+                                                              sleeptime='0.05'))
+        try:
+            m.out.wait_events(1)
+            with open(str(path), 'a') as f:
+                f.write('Nov 22 07:39:25 a b: two\nNov 22 07:39:26 a b: thr')
+            m.out.wait_events(2)
+            with open(str(path), 'a') as f:                 # the partial line waited
+                f.write('ee\n')
+            events = m.out.wait_events(3)
+            assert [dict(e)['message'] for e in events] == ['one', 'two', 'three']
+            assert m.proc.poll() is None                    # still following
+        finally:
+            m.stop()
+
+    def test_syslog_in_follow_start_end(self, tmp_path):
+        path = tmp_path / 'f.log'
+        path.write_text('Nov 22 07:39:24 a b: old\n' * 100)
+        m = _ModProcess(SYSLOG_IN, str(tmp_path), _mod_config(
+            logfile='f.log', follow='yes', start='end', sleeptime='0.05', statefile='st'))
+        try:
+            # The state file appears once the module sits at the end of the
+            # file; what is appended after that is all it may send.
+            _mod_wait(lambda: (tmp_path / 'st').exists(), 'the state file')
+            assert json.loads((tmp_path / 'st').read_text())['offset'] == path.stat().st_size
+            with open(str(path), 'a') as f:
+                f.write('Nov 22 07:39:25 a b: new\n')
+            events = m.out.wait_events(1)
+            time.sleep(0.2)                                 # nothing else may come
+            assert [dict(e)['message'] for e in m.out.events()] == ['new']
+        finally:
+            m.stop()
+
+    def test_syslog_in_follow_rotation(self, tmp_path):
+        path = tmp_path / 'f.log'
+        path.write_text('Nov 22 07:39:24 a b: one\n')
+        m = _ModProcess(SYSLOG_IN, str(tmp_path), _mod_config(logfile='f.log', follow='yes',
+                                                              sleeptime='0.05'))
+        try:
+            m.out.wait_events(1)
+            with open(str(path), 'a') as f:
+                f.write('Nov 22 07:39:25 a b: two')          # no newline yet
+            os.rename(str(path), str(tmp_path / 'f.log.1'))
+            with open(str(tmp_path / 'f.log.1'), 'a') as f:  # written after the rename
+                f.write('\nNov 22 07:39:26 a b: three\n')
+            path.write_text('Nov 22 07:39:27 a b: four\n')
+            events = m.out.wait_events(4)
+            assert [dict(e)['message'] for e in events] == ['one', 'two', 'three', 'four']
+            with open(str(path), 'a') as f:
+                f.write('Nov 22 07:39:28 a b: five\n')
+            events = m.out.wait_events(5)
+            assert dict(events[4])['message'] == 'five'
+            _mod_wait(lambda: b'rotated' in m.err.data, 'a note on stderr')
+        finally:
+            m.stop()
+
+    def test_syslog_in_follow_truncation(self, tmp_path):
+        path = tmp_path / 'f.log'
+        path.write_text('Nov 22 07:39:24 a b: one\nNov 22 07:39:24 a b: two\n')
+        m = _ModProcess(SYSLOG_IN, str(tmp_path), _mod_config(logfile='f.log', follow='yes',
+                                                              sleeptime='0.05'))
+        try:
+            m.out.wait_events(2)
+            with open(str(path), 'w') as f:                  # copytruncate, then a new line
+                f.write('Nov 22 07:39:25 a b: 3\n')
+            events = m.out.wait_events(3)
+            assert [dict(e)['message'] for e in events] == ['one', 'two', '3']
+            _mod_wait(lambda: b'truncated' in m.err.data, 'a note on stderr')
+        finally:
+            m.stop()
+
+    def test_syslog_in_sigterm_is_prompt_and_quiet(self, tmp_path):
+        (tmp_path / 'f.log').write_text('Nov 22 07:39:24 a b: one\n')
+        m = _ModProcess(SYSLOG_IN, str(tmp_path), _mod_config(logfile='f.log', follow='yes',
+                                                              sleeptime='30', statefile='st'))
+        try:
+            m.out.wait_events(1)
+            _mod_wait(lambda: (tmp_path / 'st').exists(), 'the state file')
+            m.proc.send_signal(signal.SIGTERM)
+            assert m.wait_exit() == -signal.SIGTERM         # well before the 30 s poll
+            assert b'Traceback' not in m.err.data
+            assert json.loads((tmp_path / 'st').read_text())['offset'] == 25
+        finally:
+            m.stop()
+
+    def test_syslog_in_broken_pipe_is_quiet(self, tmp_path):
+        with open(str(tmp_path / 'big.log'), 'w') as f:
+            f.write('Nov 22 07:39:24 a b[1]: some message here\n' * 200000)
+        p = subprocess.Popen([_MOD_PY, SYSLOG_IN], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, cwd=str(tmp_path))
+        try:
+            p.stdin.write(b'logfile=big.log\n')
+            p.stdin.close()
+            p.stdout.read(1000)
+            p.stdout.close()                                # the reader goes away
+            assert p.wait(timeout=_MOD_DEADLINE) == 1
+            assert p.stderr.read() == b''
+        finally:
+            if p.poll() is None:
+                p.kill()
+            p.stderr.close()
+
+    # -- syslog_in: state file -----------------------------------------------
+
+    def test_syslog_in_statefile_resume_no_dup_no_skip(self, tmp_path):
+        path = tmp_path / 'f.log'
+        path.write_text(''.join('Nov 22 07:39:24 a b: %d\n' % i for i in range(3)))
+        run = lambda: _mod_syslog_in(str(tmp_path), logfile='f.log', statefile='f.state')
+        events, p = run()
+        assert [dict(e)['message'] for e in events] == ['0', '1', '2']
+        state = json.loads((tmp_path / 'f.state').read_text())
+        assert state['offset'] == path.stat().st_size and state['inode'] == path.stat().st_ino
+        events, p = run()
+        assert events == [] and p.returncode == 0               # nothing new
+        with open(str(path), 'a') as f:
+            f.write(''.join('Nov 22 07:39:24 a b: %d\n' % i for i in range(3, 5)))
+        events, p = run()
+        assert [dict(e)['message'] for e in events] == ['3', '4']
+        assert p.stderr == b''
+
+    def test_syslog_in_statefile_new_inode_or_shorter_file_reads_from_top(self, tmp_path):
+        path = tmp_path / 'f.log'
+        path.write_text('Nov 22 07:39:24 a b: old1\nNov 22 07:39:24 a b: old2\n')
+        run = lambda: _mod_syslog_in(str(tmp_path), logfile='f.log', statefile='f.state')
+        assert len(run()[0]) == 2
+        os.rename(str(path), str(tmp_path / 'f.log.1'))
+        path.write_text('Nov 22 07:39:24 a b: new\n')            # a new inode
+        events, p = run()
+        assert [dict(e)['message'] for e in events] == ['new']
+        assert b'new file' in p.stderr
+        path.write_text('')                                      # same inode, truncated
+        with open(str(path), 'w') as f:
+            f.write('Nov 22 07:39:24 a b: x\n')
+        events, p = run()
+        assert [dict(e)['message'] for e in events] == ['x']
+        assert b'truncated' in p.stderr or b'shorter' in p.stderr
+
+    def test_syslog_in_statefile_follow_then_restart(self, tmp_path):
+        path = tmp_path / 'f.log'
+        path.write_text('Nov 22 07:39:24 a b: 1\n')
+        config = _mod_config(logfile='f.log', follow='yes', sleeptime='0.05', statefile='st')
+        m = _ModProcess(SYSLOG_IN, str(tmp_path), config)
+        try:
+            m.out.wait_events(1)
+            with open(str(path), 'a') as f:
+                f.write('Nov 22 07:39:24 a b: 2\n')
+            m.out.wait_events(2)
+            size = path.stat().st_size
+            _mod_wait(lambda: (tmp_path / 'st').exists() and
+                      json.loads((tmp_path / 'st').read_text())['offset'] == size,
+                      'the state file to reach the end')
+        finally:
+            m.stop()                                             # SIGKILL: no goodbye
+        with open(str(path), 'a') as f:
+            f.write('Nov 22 07:39:24 a b: 3\n')
+        m = _ModProcess(SYSLOG_IN, str(tmp_path), config)
+        try:
+            events = m.out.wait_events(1)
+            time.sleep(0.2)
+            assert [dict(e)['message'] for e in m.out.events()] == ['3']
+        finally:
+            m.stop()
+
+    # -- logfile_out ------------------------------------------------------------
+
+    def test_logfile_out_logfmt_quoting(self, tmp_path):
+        p = _mod_logfile_out(str(tmp_path), 'plain=abc\nspace=a b\nempty=\nquote=say "hi"\n'
+                             'back=C:\\dir\nequals=a=b\ntab=a\tb\nnl=line1\\nline2\ngo\n')
+        assert p.returncode == 0 and p.stdout == b'' and p.stderr == b''
+        (when, rest), = _mod_file_events(str(tmp_path / 'out.log'))
+        assert _MOD_TIME.match(when), when
+        assert rest == ('plain=abc space="a b" empty="" quote="say \\"hi\\"" back="C:\\\\dir" '
+                        'equals="a=b" tab="a\tb" nl="line1\\\\nline2"')
+
+    def test_logfile_out_bulk_and_one_by_one_agree(self, tmp_path):
+        # Without confirm, events read together are formatted chunk-wide;
+        # with confirm, one by one: the lines must be the same.
+        values = ['x', 'a b', '', '"', '\\', '=', 'caf\u00e9', 'go', 'quit', '\u2028', '\udcff']
+        text = ''.join('n=%d\nk=%s\nv%d=%s%s\ngo\n' % (i, values[i % len(values)], i,
+                                                      values[(i * 7) % len(values)], 'z' * (i % 5))
+                       if i % 7 else 'only=quoted %d\ngo\n' % i        # no plain token
+                       for i in range(10000))
+        bulk = _mod_logfile_out(str(tmp_path), text, filename='bulk.log')
+        careful = _mod_logfile_out(str(tmp_path), text, filename='careful.log', confirm='yes')
+        assert bulk.returncode == careful.returncode == 0
+        assert careful.stdout == b'ok\n' * 10001
+        a = [rest for when, rest in _mod_file_events(str(tmp_path / 'bulk.log'))]
+        b = [rest for when, rest in _mod_file_events(str(tmp_path / 'careful.log'))]
+        assert len(a) == 10000 and a == b
+        assert a[1] == 'n=1 k="a b" v1=goz' and a[7] == 'only="quoted 7"'
+
+    def test_logfile_out_json(self, tmp_path):
+        p = _mod_logfile_out(str(tmp_path), 'a=1\nb=x y\ngo\nc=\xff\udcfe\ngo\nd=caf\u00e9\ngo\n',
+                             format='json')
+        assert p.returncode == 0
+        with open(str(tmp_path / 'out.log'), 'rb') as f:
+            lines = f.read().decode('utf-8').splitlines()            # valid UTF-8
+        objects = [json.loads(line) for line in lines]
+        assert [o['tokens'] for o in objects] == [{'a': '1', 'b': 'x y'},
+                                                  {'c': '\xff\udcfe'}, {'d': 'caf\u00e9'}]
+        assert all(_MOD_TIME.match(o['time']) for o in objects)
+
+    def test_logfile_out_confirm_ok_after_configure_and_each_go(self, tmp_path):
+        m = _ModProcess(LOGFILE_OUT, str(tmp_path), _mod_config(
+            module='logfile_out', filename='out.log', confirm='yes', queuesize='10'),
+            stdin_open=True)
+        try:
+            m.send('configure\n')
+            assert m.wait_replies(1) == ['ok']
+            assert (tmp_path / 'out.log').exists()                   # ready = file open
+            for i in range(3):
+                m.send('n=%d\n' % i)
+                time.sleep(0.05)
+                assert len(m.replies()) == i + 1                     # no reply before go
+                m.send('go\n')
+                assert m.wait_replies(i + 2) == ['ok'] * (i + 2)
+                # confirmed means written: the line is in the file now
+                assert _mod_file_events(str(tmp_path / 'out.log'))[-1][1] == 'n=%d' % i
+            m.send('quit\n')
+            assert m.wait_exit() == 0
+        finally:
+            m.stop()
+
+    def test_logfile_out_confirm_error_then_same_event_again(self, tmp_path):
+        if not os.path.exists('/dev/full'):
+            pytest.skip('no /dev/full')
+        m = _ModProcess(LOGFILE_OUT, str(tmp_path), _mod_config(filename='/dev/full', confirm='yes'),
+                        stdin_open=True)
+        try:
+            m.send('configure\n')
+            m.wait_replies(1)
+            m.send('a=1\ngo\n')
+            replies = m.wait_replies(2)
+            assert replies[1].startswith('error ') and 'space' in replies[1].lower()
+            m.send('a=1\ngo\n')                                      # Looper resends it
+            assert m.wait_replies(3)[2].startswith('error ')
+            m.send('quit\n')
+            assert m.wait_exit() == 0
+        finally:
+            m.stop()
+
+    def test_logfile_out_write_errors_without_confirm_are_counted(self, tmp_path):
+        if not os.path.exists('/dev/full'):
+            pytest.skip('no /dev/full')
+        p = _mod_logfile_out(str(tmp_path), 'a=1\ngo\n' * 5, filename='/dev/full')
+        assert p.returncode == 0 and p.stdout == b''
+        assert b'events are being lost' in p.stderr and b'5 events could not be written' in p.stderr
+
+    def test_logfile_out_flushes_each_event_without_quit(self, tmp_path):
+        m = _ModProcess(LOGFILE_OUT, str(tmp_path), b'filename=out.log\nconfigure\n', stdin_open=True)
+        try:
+            for i in range(3):
+                m.send('n=%d\ngo\n' % i)
+                _mod_wait(lambda: len(_mod_file_events(str(tmp_path / 'out.log'))) == i + 1,
+                          'event %d in the file' % i)
+            assert m.proc.poll() is None and m.out.data == b''
+        finally:
+            m.stop()
+
+    def test_logfile_out_dash_writes_looper_stdout_fd(self, tmp_path):
+        r, w = os.pipe()
+        env = dict(os.environ, LOOPER_STDOUT_FD=str(w))
+        p = subprocess.Popen([_MOD_PY, LOGFILE_OUT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env=env, pass_fds=(w,), cwd=str(tmp_path))
+        os.close(w)
+        try:
+            out, err = p.communicate(b'filename=-\nconfirm=yes\nconfigure\nk=v w\ngo\nquit\n',
+                                     timeout=_MOD_DEADLINE)
+            assert p.returncode == 0 and err == b''
+            assert out == b'ok\nok\n'                        # replies on the protocol pipe
+            line = os.read(r, 65536).decode()                # the event on "Looper's stdout"
+            assert _MOD_TIME.match(line.split(' ')[0]) and line.endswith(' k="v w"\n')
+        finally:
+            os.close(r)
+
+    def test_logfile_out_dash_without_variable_is_fd_1(self, tmp_path):
+        env = dict((k, v) for k, v in os.environ.items() if k != 'LOOPER_STDOUT_FD')
+        p = _mod_logfile_out(str(tmp_path), 'k=v\ngo\n', filename='-', env=env)
+        assert p.returncode == 0 and p.stdout.decode().endswith(' k=v\n')
+
+    def test_logfile_out_reopens_a_rotated_file(self, tmp_path):
+        m = _ModProcess(LOGFILE_OUT, str(tmp_path), b'filename=out.log\nconfigure\n', stdin_open=True)
+        try:
+            m.send('n=0\ngo\n')
+            _mod_wait(lambda: _mod_file_events(str(tmp_path / 'out.log')), 'the first event')
+            os.rename(str(tmp_path / 'out.log'), str(tmp_path / 'out.log.1'))
+            sent = [1]
+
+            def new_file():
+                # Keep sending until the module has noticed (within a second).
+                m.send('n=%d\ngo\n' % sent[0])
+                sent[0] += 1
+                time.sleep(0.05)
+                return (tmp_path / 'out.log').exists()
+            _mod_wait(new_file, 'a new out.log')
+            m.send('quit\n')
+            assert m.wait_exit() == 0
+            old = [rest for when, rest in _mod_file_events(str(tmp_path / 'out.log.1'))]
+            new = [rest for when, rest in _mod_file_events(str(tmp_path / 'out.log'))]
+            assert old + new == ['n=%d' % i for i in range(sent[0])]   # none lost, in order
+            assert new
+        finally:
+            m.stop()
+
+    def test_logfile_out_creates_file_0644_and_appends(self, tmp_path):
+        old = os.umask(0o022)
+        try:
+            _mod_logfile_out(str(tmp_path), 'a=1\ngo\n')
+        finally:
+            os.umask(old)
+        assert (tmp_path / 'out.log').stat().st_mode & 0o777 == 0o644
+        _mod_logfile_out(str(tmp_path), 'a=2\ngo\n')
+        assert [rest for when, rest in _mod_file_events(str(tmp_path / 'out.log'))] == ['a=1', 'a=2']
+
+    def test_logfile_out_quit_and_eof_exit_0(self, tmp_path):
+        p = _mod_logfile_out(str(tmp_path), 'a=1\ngo\n', stdin_tail='quit\nb=2\ngo\n')
+        assert p.returncode == 0 and p.stderr == b''
+        p = _mod_logfile_out(str(tmp_path), 'c=3\ngo\n', stdin_tail='')     # EOF, no quit
+        assert p.returncode == 0 and p.stderr == b''
+        assert [rest for when, rest in _mod_file_events(str(tmp_path / 'out.log'))] == ['a=1', 'c=3']
+        p = subprocess.run([_MOD_PY, LOGFILE_OUT], input=b'filename=x.log\n', cwd=str(tmp_path),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=_MOD_DEADLINE)
+        assert p.returncode == 0 and not (tmp_path / 'x.log').exists()   # EOF before configure
+
+    def test_logfile_out_protocol_oddities(self, tmp_path):
+        p = _mod_logfile_out(str(tmp_path), 'a=1\r\nnonsense\n\nb=2\ngo\ngo\nc=3\n', stdin_tail='')
+        assert p.returncode == 0
+        rests = [rest for when, rest in _mod_file_events(str(tmp_path / 'out.log'))]
+        assert rests == ['a=1 b=2', '']                      # an empty event is just its time
+        assert b'nonsense' in p.stderr and b'ended inside an event' in p.stderr
+
+    def test_logfile_out_configuration_errors(self, tmp_path):
+        for config, message in ((b'module=logfile_out\n', b'no filename'),
+                                (b'filename=no/such/dir/x.log\n', b"cannot open 'no/such/dir/x.log'"),
+                                (b'filename=x\nformat=xml\n', b'format must be logfmt or json'),
+                                (b'filename=x\nconfirm=perhaps\n', b'confirm must be yes or no')):
+            p = subprocess.run([_MOD_PY, LOGFILE_OUT], input=config + b'configure\n',
+                               cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               timeout=_MOD_DEADLINE)
+            assert p.returncode == 1 and p.stdout == b'', config
+            assert message in p.stderr and p.stderr.count(b'\n') == 1, p.stderr
+
+    def test_logfile_out_broken_pipe_is_quiet(self, tmp_path):
+        p = subprocess.Popen([_MOD_PY, LOGFILE_OUT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, cwd=str(tmp_path))
+        try:
+            p.stdout.close()                                 # Looper's end is gone
+            p.stdin.write(b'filename=out.log\nconfirm=yes\nconfigure\na=1\ngo\n')
+            p.stdin.close()
+            assert p.wait(timeout=_MOD_DEADLINE) == 1
+            assert p.stderr.read() == b''
+        finally:
+            if p.poll() is None:
+                p.kill()
+            p.stderr.close()
+
+    def test_logfile_out_sigterm_is_prompt_and_quiet(self, tmp_path):
+        m = _ModProcess(LOGFILE_OUT, str(tmp_path), b'filename=out.log\nconfirm=yes\nconfigure\n',
+                        stdin_open=True)
+        try:
+            m.wait_replies(1)
+            m.proc.send_signal(signal.SIGTERM)
+            assert m.wait_exit() == -signal.SIGTERM
+            assert b'Traceback' not in m.err.data
+        finally:
+            m.stop()
+
+    def test_modules_pipeline_end_to_end(self, tmp_path):
+        # syslog_in's events, fed to logfile_out as Looper would.
+        sample = os.path.join(HERE, 'examples', 'sample.log')
+        events, p = _mod_syslog_in(str(tmp_path), logfile=sample)
+        text = ''.join('\n'.join('%s=%s' % kv for kv in e) + '\ngo\n' for e in events)
+        out = _mod_logfile_out(str(tmp_path), text)
+        assert out.returncode == 0
+        lines = _mod_file_events(str(tmp_path / 'out.log'))
+        assert len(lines) == len(events)
+        assert any('node=weed' in rest and 'program=kernel' in rest for when, rest in lines)
+
+
+##############################################################################
 # Chaos: many events, random kills and errors (RELIABILITY.md 16)
 ##############################################################################
 
@@ -1341,3 +2089,67 @@ class TestModulesInLooper(object):
         assert 'node=gw1' in out[0] and 'program=kernel' in out[0]
         assert 'node=gw2' in out[1] and 'pid=412' in out[1] and 'program=sshd' in out[1]
         assert 'desc="garbage that is not syslog"' in out[2] and 'node=' not in out[2]
+
+
+##############################################################################
+# Interoperability with real programs (rsyslog, logger, net-snmp)
+##############################################################################
+
+def free_udp_port():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class TestInterop(object):
+
+    def test_rsyslog_file_format_from_logger_is_routed(self, tmp):
+        """logger -> rsyslogd (UDP on loopback, RSYSLOG_FileFormat, RFC 3339
+        timestamps) -> a file -> syslog_in -> rules -> logfile_out (json)."""
+        rsyslogd = need('rsyslogd')
+        logger = need('logger')
+        port = free_udp_port()
+        messages = os.path.join(tmp, 'messages')
+        write(os.path.join(tmp, 'rsyslog.conf'),
+              'global(workDirectory="%s")\n'
+              'module(load="imudp")\n'
+              'input(type="imudp" address="127.0.0.1" port="%d")\n'
+              '*.* action(type="omfile" file="%s" template="RSYSLOG_FileFormat")\n'
+              % (tmp, port, messages))
+        daemon = subprocess.Popen([rsyslogd, '-n', '-f', os.path.join(tmp, 'rsyslog.conf'),
+                                   '-i', os.path.join(tmp, 'rsyslog.pid')],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            def sent():
+                # UDP may be sent before rsyslog listens: resend until both land.
+                # logger's default on the network is RFC 5424, which rsyslog
+                # writes as `myapp[4242] msg` (no colon after the tag).
+                for fmt, text in (('--rfc3164', 'classic'), ('--rfc5424', 'modern')):
+                    subprocess.run([logger, '-n', '127.0.0.1', '-P', str(port), '-d', fmt,
+                                    '-t', 'myapp', '--id=4242',
+                                    'Failed password for %s from 10.9.8.7 port 22 ssh2' % text],
+                                   check=True, timeout=DEADLINE)
+                return 'for classic' in read(messages) and 'for modern' in read(messages)
+            wait_until(sent, what='rsyslogd to write the messages')
+        finally:
+            daemon.terminate()
+            daemon.wait(DEADLINE)
+        write(os.path.join(tmp, 'r.rules'),
+              "if inputTokens.get('program') == 'myapp':\n    writeTo('o')\n    exit()\n")
+        conf = config(tmp, "rulesfile = r.rules\n"
+                           "input i { module = syslog_in\n logfile = messages }\n"
+                           "output o { module = logfile_out\n filename = out.json\n format = json }\n")
+        p = run([conf])
+        assert p.returncode == 0, p.stderr
+        events = [json.loads(line)['tokens'] for line in read(os.path.join(tmp, 'out.json')).splitlines()]
+        kinds = set()
+        for e in events:
+            assert re.match(r'\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?[+-]\d\d:\d\d$', e['date']), e
+            assert e['program'] == 'myapp' and e['pid'] == '4242', (e, read(messages))
+            m = re.match(r'Failed password for (classic|modern) from 10.9.8.7 port 22 ssh2$', e['message'])
+            assert m, e
+            kinds.add(m.group(1))
+            assert e['node'] and e['desc'].startswith('myapp[4242]')
+        assert kinds == {'classic', 'modern'}, read(messages)
