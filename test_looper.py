@@ -2153,3 +2153,27 @@ class TestInterop(object):
             kinds.add(m.group(1))
             assert e['node'] and e['desc'].startswith('myapp[4242]')
         assert kinds == {'classic', 'modern'}, read(messages)
+
+
+##############################################################################
+# The benchmark: a smoke run so that bench/bench.py does not rot
+##############################################################################
+
+class TestBench(object):
+
+    def test_bench_smoke_run_agrees_on_matches_and_reports_every_section(self, tmp):
+        """bench/bench.py --smoke: 2000 lines through every installed tool,
+        start-up, latency and memory; the tools must agree on the matches."""
+        p = subprocess.run([sys.executable, os.path.join(HERE, 'bench', 'bench.py'), '--smoke',
+                            '--python', PY, '--workdir', tmp],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           universal_newlines=True, timeout=120)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert re.search(r'\| identical match counts \| expected \d+ \| PASS \|', p.stdout), p.stdout
+        for section in ('### Throughput', '### Start-up', '### Latency', '### Memory', '### Targets'):
+            assert section in p.stdout, p.stdout
+        looper_row = re.search(r'^\| Looper \| [\d.]+ s \|', p.stdout, re.M)
+        assert looper_row, p.stdout
+        if IN_CI:
+            for peer in ('SEC', 'swatch'):
+                assert re.search(r'^\| %s \| [\d.]+ s \|' % peer, p.stdout, re.M), p.stdout
