@@ -659,15 +659,19 @@ def q(value):
     raise BenchError('cannot quote %r for a Looper config' % value)
 
 
-RULES = '''\
-# Bench rules: failed sshd passwords -> output 'out' with user, source, line.
-# The namespace persists between events: compile the regex once.
+# Both rules files compile the regex once: the namespace persists between events.
+_RULES_SETUP = '''\
 try:
     FAILED
 except NameError:
     import re
     FAILED = re.compile(%(regex)r)
 m = FAILED.search(inputTokens.get('desc', ''))
+'''
+
+RULES = '''\
+# Bench rules: failed sshd passwords -> output 'out' with user, source, line.
+''' + _RULES_SETUP + '''\
 if m is not None:
     outputTokens.clear()
     outputTokens['user'] = m.group(1)
@@ -679,12 +683,7 @@ if m is not None:
 
 LAT_RULES = '''\
 # Latency rules: the same regex; keep t and seq, add user and source.
-try:
-    FAILED
-except NameError:
-    import re
-    FAILED = re.compile(%(regex)r)
-m = FAILED.search(inputTokens.get('desc', ''))
+''' + _RULES_SETUP + '''\
 if m is not None:
     outputTokens['user'] = m.group(1)
     outputTokens['source'] = m.group(2)
