@@ -2183,3 +2183,49 @@ class TestBench(object):
         if IN_CI:
             for peer in ('SEC', 'swatch'):
                 assert re.search(r'^\| %s \| [\d.]+ s \|' % peer, p.stdout, re.M), p.stdout
+
+
+class TestSnmpTraps(object):
+    """net-snmp's snmptrapd as an input module (examples/modules/snmptrapd_in),
+    traps sent by net-snmp's snmptrap, routed by examples/rules/traps.rules."""
+
+    def test_traps_from_net_snmp_are_routed_by_the_example(self, tmp):
+        need('snmptrapd')
+        snmptrap = need('snmptrap')
+        port = free_udp_port()
+        conf = read(os.path.join(EXAMPLES, 'traps.conf'))
+        for old, new in (("'modules'", repr(os.path.join(EXAMPLES, 'modules'))),
+                         ("'rules/traps.rules'", repr(os.path.join(EXAMPLES, 'rules', 'traps.rules'))),
+                         ('udp:127.0.0.1:1162', 'udp:127.0.0.1:%d' % port),
+                         ('/tmp/looper-traps.alerts', os.path.join(tmp, 'alerts')),
+                         ('/tmp/looper-traps.log', os.path.join(tmp, 'archive'))):
+            assert old in conf, old
+            conf = conf.replace(old, new)
+        looper = Looper(config(tmp, conf))
+        # snmptrapd prints its banner once it listens.
+        looper.wait_log(r"input 'traps' pid \d+: snmptrapd: NET-SNMP version")
+
+        def send(*args):
+            subprocess.run([snmptrap, '-m', '', '-c'] + list(args), check=True, timeout=DEADLINE,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        target = '127.0.0.1:%d' % port
+        send('wrong', '-v', '2c', target, '', '1.3.6.1.6.3.1.1.5.4')        # refused by snmptrapd
+        send('public', '-v', '2c', target, '', '1.3.6.1.6.3.1.1.5.3',        # linkDown, v2c
+             '1.3.6.1.2.1.2.2.1.1.2', 'i', '2', '1.3.6.1.2.1.2.2.1.2.2', 's', 'eth0 went down')
+        send('public', '-v', '1', target, '1.3.6.1.4.1.8072', '192.0.2.7', '6', '17', '',
+             '1.3.6.1.4.1.8072.1', 's', 'hello')                            # enterprise-specific, v1
+
+        def archive():
+            text = read(os.path.join(tmp, 'archive'))
+            return [json.loads(line)['tokens'] for line in text[:text.rfind('\n') + 1].splitlines()]
+        wait_until(lambda: len(archive()) >= 2, what='two traps in the archive; log:\n' + looper.log())
+        looper.signal(signal.SIGTERM)
+        assert looper.wait() == 0, looper.log()
+        down, v1 = archive()
+        assert down['agent'] == '127.0.0.1' and down['community'] == 'public'
+        assert down['version'] == '2c' and down['name'] == 'linkDown'
+        assert down['.1.3.6.1.2.1.2.2.1.2.2'] == 'eth0 went down'
+        assert v1['version'] == '1' and v1['trap'] == '.1.3.6.1.4.1.8072.0.17'
+        assert v1['.1.3.6.1.4.1.8072.1'] == 'hello'
+        alerts = read(os.path.join(tmp, 'alerts')).splitlines()
+        assert len(alerts) == 1 and alerts[0].split(' ', 1)[1] == 'agent=127.0.0.1 alert=linkDown ifIndex=2'
