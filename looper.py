@@ -660,22 +660,26 @@ class _EventParser(object):
         if '\r' in text:
             text = '\n'.join([line[:-1] if line[-1:] == '\r' else line
                               for line in text.split('\n')])
-        # _partial is '' or complete lines, each ending in '\n'.
-        text = '\n' + self._partial + text + '\n'
+        # _partial is '' or complete lines, each ending in '\n'.  One join:
+        # each + would copy the whole chunk again.
+        text = ''.join(('\n', self._partial, text, '\n'))
         pieces = text.split('\ngo\n')
         pieces[0] = pieces[0][1:]
         tail = pieces.pop()
         maxline = self.maxline
         events = None
-        # The fast path, when C-speed scans of the whole chunk show nothing
-        # unusual: no empty event (`go` after `go`, or first), no empty token
-        # name, no skipped event, no over-long line.
-        if not (self._skip_event or '\ngo\ngo\n' in text or text.startswith('\ngo\n')
-                or '\n=' in text or len(text) > maxline and max(map(len, pieces or [''])) > maxline):
+        # The fast path, unless a skipped event is pending or a line may be
+        # over maxline.  Anything else unusual makes it fail as a whole and
+        # take the careful path: a line without `=`, a blank line or an
+        # empty event (a piece that is '' or starts with `go`) raises
+        # ValueError in dict(); an empty token name leaves '' as a key.
+        if not (self._skip_event or len(text) > maxline and max(map(len, pieces or [''])) > maxline):
             try:
                 events = [dict([line.split('=', 1) for line in piece.split('\n')])
                           for piece in pieces]
-            except ValueError:      # a line without `=`, or a blank line
+            except ValueError:
+                events = None
+            if events and any(map(dict.__contains__, events, itertools.repeat(''))):
                 events = None
         if events is None:
             events = self._parse_pieces(pieces)

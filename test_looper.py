@@ -392,6 +392,44 @@ class TestFraming(object):
         assert "skipped a line that is not token=value or go: 'not a token line'" in \
             p.stderr.decode()
 
+    def test_parser_agrees_with_a_line_by_line_reading_however_the_bytes_arrive(self):
+        """The parser's whole-chunk fast path and its careful path against the
+        protocol read literally, line by line, on random input in random
+        chunks: blank lines, lines without `=` or with an empty name, `go`
+        twice, CRLF, `=` in values, non-UTF-8 bytes, incomplete last events."""
+        import importlib.util
+        spec = importlib.util.spec_from_file_location('looper_under_test', LOOPER)
+        looper = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(looper)
+        looper._log.disabled = True
+
+        def literally(data):
+            events, event = [], {}
+            for line in data.decode('utf-8', 'surrogateescape').split('\n')[:-1]:
+                line = line[:-1] if line.endswith('\r') else line
+                key, sep, value = line.partition('=')
+                if line == 'go':
+                    if event:
+                        events.append(event)
+                    event = {}
+                elif sep and key:
+                    event[key] = value
+            return events
+        atoms = ['a=1\n', 'b=x=y\n', 'go\n', 'go\n', '\n', '=v\n', 'bad\n', 'go=1\n',
+                 'c=\r\n', 'go\r\n', 'k=' + 'x' * 50 + '\n', '\xfc=\xe9\n', 'z=\udcff\n']
+        rng = __import__('random').Random(2026)
+        for case in range(3000):
+            data = ''.join(rng.choice(atoms) for _ in range(rng.randint(0, 30)))
+            data = data.encode('utf-8', 'surrogateescape')
+            cuts = sorted(rng.sample(range(len(data) + 1), min(len(data) + 1, rng.randint(0, 5))))
+            parser = looper._EventParser('in', 65536)
+            got, start = [], 0
+            for end in cuts + [len(data)]:
+                got.extend(parser.feed(data[start:end]))
+                start = end
+            got.extend(parser.eof()[0])
+            assert got == literally(data), (data, cuts)
+
     def test_empty_events_are_skipped_and_incomplete_last_event_reported(self, tmp):
         conf = norules_conf(tmp)
         got, p = run_test_mode(conf, 'go\ngo\na=1\ngo\ngo\nb=2\n')
