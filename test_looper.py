@@ -1448,6 +1448,43 @@ class TestModules(object):
 
     # -- syslog_in: formats ---------------------------------------------------
 
+    def test_syslog_in_tokens_key_chooses_tokens_and_never_drops_a_line(self, tmp_path):
+        text = ('<34>Nov 22 07:39:24 gw1 sshd[412]: Failed password for root\n'
+                'Nov 22 07:39:25 gw1 cron: no pid here\n'
+                '<165>1 2026-11-22T07:39:26.1Z gw2 app 99 ID7 - rfc 5424\n'
+                'not syslog at all\n')
+        events, p = _mod_syslog_in(str(tmp_path), text, tokens='date, node pid facility')
+        assert p.returncode == 0, p.stderr
+        assert [dict(e) for e in events] == [
+            {'date': 'Nov 22 07:39:24', 'node': 'gw1', 'pid': '412', 'facility': 'auth'},
+            {'date': 'Nov 22 07:39:25', 'node': 'gw1'},
+            {'date': '2026-11-22T07:39:26.1Z', 'node': 'gw2', 'pid': '99', 'facility': 'local4'},
+            {'desc': 'not syslog at all'}]                     # never dropped
+        events, p = _mod_syslog_in(str(tmp_path), text, tokens='pid')
+        assert [dict(e) for e in events] == [
+            {'pid': '412'}, {'desc': 'cron: no pid here'}, {'pid': '99'},
+            {'desc': 'not syslog at all'}]
+        events, p = _mod_syslog_in(str(tmp_path), text, tokens='date nonsense')
+        assert p.returncode == 1 and b"unknown token 'nonsense'" in p.stderr and not events
+
+    def test_syslog_in_fast_and_careful_paths_agree_for_any_tokens(self, tmp_path):
+        """The whole-chunk fast path against the line-by-line one, for every
+        shape of line and several choices of tokens."""
+        import importlib.machinery
+        import importlib.util
+        loader = importlib.machinery.SourceFileLoader('syslog_in_under_test', SYSLOG_IN)
+        module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+        loader.exec_module(module)
+        lines = read(os.path.join(HERE, 'examples', 'sample.log')).splitlines() + [
+            '<13>Nov 22 07:39:24 h p[1]: m', '<999>Nov 22 07:39:24 h p: m', 'Nov 22 07:39:24 h p[1] m',
+            '<165>1 2026-11-22T07:39:26Z h app - - - x', 'x', 'Nov 22 07:39:24 host', '']
+        text = '\n'.join(lines) + '\n'
+        for chosen in (module.TOKENS, ('date', 'node', 'desc'), ('message',), ('pid', 'message'),
+                       ('severity', 'desc'), ('program', 'pid')):
+            fast = module._Parser(65536, chosen).events(text)
+            careful = ''.join(module._event_slowly(line, frozenset(chosen)) for line in lines if line)
+            assert fast == careful, chosen
+
     def test_syslog_in_bsd_line(self, tmp_path):
         event = _mod_one(str(tmp_path), 'Nov 22 07:39:24 dope sshd[412]: Failed password '
                                         'for root from 10.0.0.1 port 22 ssh2')

@@ -39,6 +39,10 @@ rotated per round (so no tool always runs first or after the same one):
           exits at EOF) -> bench.rules (the regex on `desc`; outputTokens =
           user, source, line = date node desc) -> shipped logfile_out.
           Matches = lines in logfile_out's file (its `line` values hashed).
+  lean    the same with `tokens = date node desc` in syslog_in's block: only
+          the tokens these rules read (SEC and swatch see only the raw line
+          too), as the original Looper's module sent.  Its ratios are
+          reported beside the default's, as separate target rows.
   sec     `sec --conf=sec.conf --input=FILE --notail --debug=3 --log=/dev/null`
           with one type=Single ptype=RegExp rule, action=write OUT $0.
           Matches = lines in OUT.
@@ -834,6 +838,7 @@ class Tool(object):
 
 class Looper(Tool):
     name, label = 'looper', 'Looper'
+    input_keys = {}      # extra keys for syslog_in's block
 
     def prepare(self, ctx):
         if not os.path.exists(ctx.looper):
@@ -848,8 +853,9 @@ class Looper(Tool):
                            stderr=subprocess.STDOUT, universal_newlines=True)
         self.version = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else '?'
         rules = write_file(ctx.path('bench.rules'), RULES % {'regex': REGEX})
-        self.out = ctx.path('looper.out')
-        self.conf = looper_conf(ctx, 'bench', rules, {'module': 'syslog_in', 'logfile': ctx.input},
+        self.out = ctx.path(self.name + '.out')
+        self.conf = looper_conf(ctx, 'bench-' + self.name, rules,
+                                dict({'module': 'syslog_in', 'logfile': ctx.input}, **self.input_keys),
                                 [('out', {'module': 'logfile_out', 'filename': self.out})])
         cmd = [ctx.python, ctx.looper, '--check', self.conf]
         r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -867,7 +873,13 @@ class Looper(Tool):
         return digest_lines(self.out, _looper_line)
 
     def diagnose(self, ctx):
-        return 'looper log (%s):\n%s' % (ctx.path('bench.log'), tail(ctx.path('bench.log')))
+        log = ctx.path('bench-%s.log' % self.name)
+        return 'looper log (%s):\n%s' % (log, tail(log))
+
+
+class LooperLean(Looper):
+    name, label = 'lean', 'Looper, tokens = date node desc'
+    input_keys = {'tokens': 'date node desc'}
 
 
 class Sec(Tool):
@@ -1013,14 +1025,16 @@ def section_throughput(ctx, tools, results):
             'cpu_by_process': {k: median([r['cpu_by_process'].get(k, 0.0) for r in rs])
                                for k in rs[0]['cpu_by_process']},
         }
-    ratios = {}
-    lr = {r['round']: r['wall'] for r in runs.get('looper', [])}
-    for tool in active:
-        if tool.name == 'looper':
-            continue
-        per = [lr[r['round']] / r['wall'] for r in runs[tool.name] if r['round'] in lr]
-        if per:
-            ratios[tool.name] = {'per_round': per, 'median': median(per)}
+    ratios = {}         # peer -> Looper / peer; lean_ratios: the same for `lean`
+    lean_ratios = {}
+    for looper, table in (('looper', ratios), ('lean', lean_ratios)):
+        lr = {r['round']: r['wall'] for r in runs.get(looper, [])}
+        for tool in active:
+            if tool.name in ('looper', 'lean'):
+                continue
+            per = [lr[r['round']] / r['wall'] for r in runs[tool.name] if r['round'] in lr]
+            if per:
+                table[tool.name] = {'per_round': per, 'median': median(per)}
     mismatches = []
     for name, s in summary.items():
         if s['matches'] != [expected]:
@@ -1032,7 +1046,8 @@ def section_throughput(ctx, tools, results):
                                                           '/'.join(s['digests']), ctx.meta['digest']))
     results['throughput'] = {
         'lines': lines, 'expected_matches': expected, 'rounds': args.rounds,
-        'tools': summary, 'ratios': ratios, 'failed': failed, 'mismatches': mismatches,
+        'tools': summary, 'ratios': ratios, 'lean_ratios': lean_ratios,
+        'failed': failed, 'mismatches': mismatches,
         'runs': {n: [{k: v for k, v in r.items() if k != 'samples'} for r in rs]
                  for n, rs in runs.items()},
         'skipped': {t.name: t.skip for t in tools if t.skip},
@@ -1345,7 +1360,14 @@ def report(ctx, tools, results):
                 '/'.join(map(str, s['matches'])),
                 ('**%s** (rounds: %s)' % (fmt_ratio(r['median']),
                                           ', '.join(fmt_ratio(x) for x in r['per_round'])))
-                if r else ('-' if t.name == 'looper' else 'n/a')))
+                if r else ('-' if t.name in ('looper', 'lean') else 'n/a')))
+        if tp.get('lean_ratios'):
+            p.append('')
+            p.append('Looper, tokens = date node desc (only the tokens the rules read) / tool: %s.'
+                     % ', '.join('%s **%s** (rounds: %s)' % (
+                         tp['tools'][name]['label'], fmt_ratio(r['median']),
+                         ', '.join(fmt_ratio(x) for x in r['per_round']))
+                         for name, r in sorted(tp['lean_ratios'].items())))
         p.append('')
         p.append('Wall = fork to reap; CPU = user+sys of the tool and its reaped children '
                  '(os.wait4); RSS proc = peak (VmHWM) of the main process (Looper: looper.py '
@@ -1447,14 +1469,18 @@ def targets(ctx, results):
 
     tp = results.get('throughput')
     if tp:
-        for name, label in (('sec', 'SEC'), ('swatch', 'swatch'), ('bare', 'bare Python loop')):
-            limit = TARGETS[name]
-            r = tp['ratios'].get(name)
-            target = 'Looper <= %gx %s wall time' % (limit, label)
-            if r:
-                add(target, fmt_ratio(r['median']), r['median'] <= limit)
-            else:
-                add(target, 'not run', None)
+        for which, looper in (('ratios', 'Looper'),
+                              ('lean_ratios', 'Looper (tokens = date node desc)')):
+            if which == 'lean_ratios' and not tp.get(which):
+                continue
+            for name, label in (('sec', 'SEC'), ('swatch', 'swatch'), ('bare', 'bare Python loop')):
+                limit = TARGETS[name]
+                r = tp[which].get(name)
+                target = '%s <= %gx %s wall time' % (looper, limit, label)
+                if r:
+                    add(target, fmt_ratio(r['median']), r['median'] <= limit)
+                else:
+                    add(target, 'not run', None)
         add('identical match counts', 'expected %d' % tp['expected_matches'],
             not tp['mismatches'] and 'looper' in tp['tools'], perf=False)
     la = results.get('latency')
@@ -1505,8 +1531,8 @@ def parse_args(argv):
                     'or this one: %(default)s)')
     ap.add_argument('--looper', default=os.path.join(ROOT, 'looper.py'),
                     help='looper.py to measure (its modules/ beside it)')
-    ap.add_argument('--tools', default='looper,sec,swatch,bare',
-                    help='comma-separated subset of looper,sec,swatch,bare')
+    ap.add_argument('--tools', default='looper,lean,sec,swatch,bare',
+                    help='comma-separated subset of looper,lean,sec,swatch,bare')
     ap.add_argument('--workdir', default=os.path.join(HERE, 'work'),
                     help='cache and scratch directory (default bench/work)')
     ap.add_argument('--throughput', action='store_true', help='run the throughput section')
@@ -1540,7 +1566,7 @@ def parse_args(argv):
         ap.error('--lines and --rounds must be positive')
     args.tools = [t.strip() for t in args.tools.split(',') if t.strip()]
     for t in args.tools:
-        if t not in ('looper', 'sec', 'swatch', 'bare'):
+        if t not in ('looper', 'lean', 'sec', 'swatch', 'bare'):
             ap.error('unknown tool %r' % t)
     return args
 
@@ -1556,8 +1582,8 @@ def main(argv=None):
     try:
         ctx.input, ctx.meta = syslog_file(args.workdir, args.lines, args.seed)
         results['input'] = dict(ctx.meta, path=ctx.input)
-        classes = {'looper': Looper, 'sec': Sec, 'swatch': Swatch, 'bare': Bare}
-        tools = [classes[n]() for n in ('looper', 'sec', 'swatch', 'bare')
+        classes = {'looper': Looper, 'lean': LooperLean, 'sec': Sec, 'swatch': Swatch, 'bare': Bare}
+        tools = [classes[n]() for n in ('looper', 'lean', 'sec', 'swatch', 'bare')
                  if n in args.tools or n == 'looper']
         for t in tools:
             t.prepare(ctx)
