@@ -1657,20 +1657,25 @@ class _Router(object):
         if self.blocked or pending:
             pending.extend(events)
         else:
-            route = self._route
+            # _route, unrolled: most events in a busy stream go nowhere.
+            run = self.rules.run if self.rules else None
+            deliver, everywhere = self._deliver, self._all
             for i, event in enumerate(events):
-                route(event)
-                if self.blocked:
-                    pending.extend(events[i + 1:])
-                    break
+                deliveries = run(event) if run else ((everywhere, event),)
+                if deliveries:
+                    deliver(deliveries)
+                    if self.blocked:
+                        pending.extend(events[i + 1:])
+                        break
         if pending and self.input.stdout:
             self.input.stdout.pause()
 
     def _route(self, tokens):
-        if self.rules is None:
-            deliveries = ((self._all, tokens),)
-        else:
-            deliveries = self.rules.run(tokens)
+        self._deliver(self.rules.run(tokens) if self.rules else ((self._all, tokens),))
+
+    def _deliver(self, deliveries):
+        """Queue [(names, tokens)] on the outputs; a blocking output that
+        fills up sets `blocked`."""
         outputs = self.outputs
         for names, snapshot in deliveries:
             data = _encode_event(snapshot)
