@@ -91,8 +91,11 @@ by <= max(1 MiB, 5%) (RSS may swing inside a bound as queues fill and
 drain; a leak keeps raising the peak).  Taken from the
 throughput rounds when they ran, else from a dedicated run.  (2) Stalled
 output: NORULES, input = syslog_in on the same file, output `fast` =
-logfile_out, output `stalled` = a module that reads its configuration and
-then never reads again, with queuesize = 1000, overflow = drop (and
+logfile_out (queuesize = 1000, overflow = block: a default 10,000-event
+queue that fills or not with the machine's load would make RSS swing by a
+few MB and hide what is measured), output `stalled` = a module that reads
+its configuration and then never reads again, with queuesize = 1000,
+overflow = drop (and
 draintimeout/closetimeout = 1 s so shutdown is quick).  Looper's RSS must
 stay flat while the stalled queue fills and then drops (and is reported
 against 25 MB too, with its excess over the throughput run), and `fast`
@@ -1266,7 +1269,7 @@ def section_memory(ctx, tools, results):
     fast_out = ctx.path('fast.out')
     rm(fast_out)
     conf = looper_conf(ctx, 'stall', 'NORULES', {'module': 'syslog_in', 'logfile': ctx.input},
-                       [('fast', {'module': 'logfile_out', 'filename': fast_out}),
+                       [('fast', {'module': 'logfile_out', 'filename': fast_out, 'queuesize': '1000'}),
                         ('stalled', {'module': stall, 'queuesize': '1000', 'overflow': 'drop',
                                      'draintimeout': '1', 'closetimeout': '1'})])
     log('memory: stalled output, %d events...', ctx.meta['lines'])
@@ -1429,7 +1432,7 @@ def report(ctx, tools, results):
         p.append('| run | peak | at 25% | at 50% | at 75% | at end | flat (peak growth in 2nd half) |')
         p.append('|---|---:|---:|---:|---:|---:|---|')
         for name, what in (('run', 'throughput job, %s lines' % '{:,}'.format(meta['lines'])),
-                           ('stalled', 'stalled output (queuesize 1000, drop) + fast output')):
+                           ('stalled', 'stalled output (queuesize 1000, drop) + fast output (queuesize 1000)')):
             r = me.get(name, {})
             if 'rss25_mb' in r:
                 p.append('| %s | %.1f MB | %.1f MB | %.1f MB | %.1f MB | %.1f MB | %s (%+.1f MB) |' % (
