@@ -1331,6 +1331,16 @@ def _mod_one(directory, line):
     return events[0]
 
 
+def _mod_follow(tmp_path, text, **keys):
+    """syslog_in following tmp_path/f.log, which starts as `text`:
+    (the file's path, the running module)."""
+    path = tmp_path / 'f.log'
+    path.write_text(text)
+    keys.setdefault('sleeptime', '0.05')
+    return path, _ModProcess(SYSLOG_IN, str(tmp_path),
+                             _mod_config(logfile='f.log', follow='yes', **keys))
+
+
 class _ModStream(object):
     """Collects what a process writes on one pipe, in a thread."""
 
@@ -1668,10 +1678,7 @@ class TestModules(object):
     # -- syslog_in: follow mode ----------------------------------------------
 
     def test_syslog_in_follow_picks_up_appended_lines(self, tmp_path):
-        path = tmp_path / 'f.log'
-        path.write_text('Nov 22 07:39:24 a b: one\n')
-        m = _ModProcess(SYSLOG_IN, str(tmp_path), _mod_config(logfile='f.log', follow='yes',
-                                                              sleeptime='0.05'))
+        path, m = _mod_follow(tmp_path, 'Nov 22 07:39:24 a b: one\n')
         try:
             m.out.wait_events(1)
             with open(str(path), 'a') as f:
@@ -1686,10 +1693,8 @@ class TestModules(object):
             m.stop()
 
     def test_syslog_in_follow_start_end(self, tmp_path):
-        path = tmp_path / 'f.log'
-        path.write_text('Nov 22 07:39:24 a b: old\n' * 100)
-        m = _ModProcess(SYSLOG_IN, str(tmp_path), _mod_config(
-            logfile='f.log', follow='yes', start='end', sleeptime='0.05', statefile='st'))
+        path, m = _mod_follow(tmp_path, 'Nov 22 07:39:24 a b: old\n' * 100,
+                              start='end', statefile='st')
         try:
             # The state file appears once the module sits at the end of the
             # file; what is appended after that is all it may send.
@@ -1704,10 +1709,7 @@ class TestModules(object):
             m.stop()
 
     def test_syslog_in_follow_rotation(self, tmp_path):
-        path = tmp_path / 'f.log'
-        path.write_text('Nov 22 07:39:24 a b: one\n')
-        m = _ModProcess(SYSLOG_IN, str(tmp_path), _mod_config(logfile='f.log', follow='yes',
-                                                              sleeptime='0.05'))
+        path, m = _mod_follow(tmp_path, 'Nov 22 07:39:24 a b: one\n')
         try:
             m.out.wait_events(1)
             with open(str(path), 'a') as f:
@@ -1727,10 +1729,7 @@ class TestModules(object):
             m.stop()
 
     def test_syslog_in_follow_truncation(self, tmp_path):
-        path = tmp_path / 'f.log'
-        path.write_text('Nov 22 07:39:24 a b: one\nNov 22 07:39:24 a b: two\n')
-        m = _ModProcess(SYSLOG_IN, str(tmp_path), _mod_config(logfile='f.log', follow='yes',
-                                                              sleeptime='0.05'))
+        path, m = _mod_follow(tmp_path, 'Nov 22 07:39:24 a b: one\nNov 22 07:39:24 a b: two\n')
         try:
             m.out.wait_events(2)
             with open(str(path), 'w') as f:                  # copytruncate, then a new line
@@ -1742,9 +1741,8 @@ class TestModules(object):
             m.stop()
 
     def test_syslog_in_sigterm_is_prompt_and_quiet(self, tmp_path):
-        (tmp_path / 'f.log').write_text('Nov 22 07:39:24 a b: one\n')
-        m = _ModProcess(SYSLOG_IN, str(tmp_path), _mod_config(logfile='f.log', follow='yes',
-                                                              sleeptime='30', statefile='st'))
+        path, m = _mod_follow(tmp_path, 'Nov 22 07:39:24 a b: one\n', sleeptime='30',
+                              statefile='st')
         try:
             m.out.wait_events(1)
             _mod_wait(lambda: (tmp_path / 'st').exists(), 'the state file')
