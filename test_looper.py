@@ -158,6 +158,18 @@ def proc_status(pid):
         return dict(line.split(':', 1) for line in f.read().splitlines() if ':' in line)
 
 
+def proc_state(pid):
+    """'R', 'S', 'Z'...; '' once the process is gone (it may go at any time)."""
+    try:
+        return proc_status(pid)['State'].strip()[:1]
+    except OSError:
+        return ''
+
+
+def alive(pid):
+    return proc_state(pid) not in ('', 'Z')
+
+
 # A Python output module that records what it receives: every event as one
 # JSON line in $LOOPER_NAME.jsonl (raw config in .config); confirm support
 # driven by its config (confirm=yes).
@@ -806,7 +818,7 @@ def rss_kb(pid):
 
 
 def zombies_of(pid):
-    return [c for c in children_of(pid) if proc_status(c)['State'].startswith('Z')]
+    return [c for c in children_of(pid) if proc_state(c) == 'Z']
 
 
 class TestSupervision(object):
@@ -880,8 +892,7 @@ class TestSupervision(object):
         # group's grandchild was orphaned when its parent was killed with
         # SIGKILL from outside, which no supervisor can prevent.
         gc2 = int(read(os.path.join(tmp, 'child.pid')).split('=')[1])
-        wait_until(lambda: not os.path.exists('/proc/%d' % gc2) or
-                   proc_status(gc2)['State'].startswith('Z'), what='grandchild to be gone')
+        wait_until(lambda: not alive(gc2), what='grandchild to be gone')
         if os.path.exists('/proc/%d' % grandchild):
             os.kill(grandchild, signal.SIGKILL)
 
@@ -916,7 +927,7 @@ class TestSupervision(object):
             for _ in range(n):
                 pids = set(probes(tmp))
                 module = wait_until(lambda: [c for c in children_of(looper.proc.pid)
-                                             if c in pids and proc_status(c)['State'][0] != 'Z'])
+                                             if c in pids and alive(c)])
                 os.kill(module[0], signal.SIGKILL)
                 wait_until(lambda: len(probes(tmp)) > len(pids), what='the restart')
         cycle(5)
@@ -2080,8 +2091,7 @@ class TestChaos(object):
             # Outputs only: the counting input replays from 0 when restarted
             # (input restarts are tested with syslog_in's state file).
             victims = [c for c in children_of(looper.proc.pid)
-                       if not proc_status(c)['State'].startswith('Z')
-                       and '/src' not in read('/proc/%d/cmdline' % c)]
+                       if alive(c) and '/src' not in read('/proc/%d/cmdline' % c)]
             if victims and rng.random() < 0.5:
                 try:
                     os.kill(rng.choice(victims), signal.SIGKILL)
