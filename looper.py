@@ -623,6 +623,13 @@ class _LineReader(object):
         return tail.decode('utf-8', 'surrogateescape')
 
 
+# The fast parser's arguments to str.split for every line: line.split('=', 1)
+# as map(str.split, lines, _EQUALS, _ONES) builds no list per line and runs
+# no bytecode per line, about twice as fast (3.6 to 3.13).
+_EQUALS = itertools.repeat('=')
+_ONES = itertools.repeat(1)
+
+
 class _EventParser(object):
     """Turns an input module's stdout into events (dicts of str -> str).
 
@@ -652,7 +659,7 @@ class _EventParser(object):
         """Return the list of complete events in data.
 
         The whole chunk is split at `go` lines with one str.split; each event
-        then becomes a dict in one comprehension.  Anything unusual (a line
+        then becomes a dict of its lines split at their first `=`.  Anything unusual (a line
         without `=`, a blank line, an over-long line) takes _parse_slowly."""
         text = self.lines.feed(data)
         if text is None:
@@ -668,6 +675,7 @@ class _EventParser(object):
         tail = pieces.pop()
         maxline = self.maxline
         events = None
+        split, eqs, ones = str.split, _EQUALS, _ONES
         # The fast path, unless a skipped event is pending or a line may be
         # over maxline.  Anything else unusual makes it fail as a whole and
         # take the careful path: a line without `=`, a blank line or an
@@ -675,8 +683,7 @@ class _EventParser(object):
         # ValueError in dict(); an empty token name leaves '' as a key.
         if not (self._skip_event or len(text) > maxline and max(map(len, pieces or [''])) > maxline):
             try:
-                events = [dict([line.split('=', 1) for line in piece.split('\n')])
-                          for piece in pieces]
+                events = [dict(map(split, piece.split('\n'), eqs, ones)) for piece in pieces]
             except ValueError:
                 events = None
             if events and any(map(dict.__contains__, events, itertools.repeat(''))):
