@@ -623,9 +623,10 @@ class _LineReader(object):
         return tail.decode('utf-8', 'surrogateescape')
 
 
-# The fast parser's arguments to str.split for every line: line.split('=', 1)
-# as map(str.split, lines, _EQUALS, _ONES) builds no list per line and runs
-# no bytecode per line, about twice as fast (3.6 to 3.13).
+# The fast parser's other arguments to str.split: dict(map(str.split, lines,
+# _EQUALS, _ONES)) is line.split('=', 1) for each line with no bytecode run
+# and no list of pairs built per event (callgrind: 5% fewer instructions an
+# event than a comprehension).
 _EQUALS = itertools.repeat('=')
 _ONES = itertools.repeat(1)
 
