@@ -69,6 +69,8 @@ CLOSE_TIMEOUT = 5.0          # seconds a module gets to exit after `quit`/EOF be
 DRAIN_TIMEOUT = 10.0         # seconds an output gets to deliver its queue at shutdown (config: draintimeout)
 LOG_EVERY = 10.0             # seconds between repeated warnings of one kind (drops, bad lines)
 EVENT_REPR_MAX = 2000        # characters of an event shown in a log line
+RULES_TIMEOUT = 10.0         # seconds the rules may spend on one event before they are
+                             # interrupted and the event skipped (config: rulestimeout)
 
 EX_OK = 0
 EX_SOFTWARE = 1              # anything else: a module failed, events were lost
@@ -76,7 +78,7 @@ EX_USAGE = 2                 # bad command line (argparse's own code)
 EX_CONFIG = 78               # EX_CONFIG from sysexits.h: bad configuration or rules
 
 _TOP_KEYS = ('inputmodulepath', 'outputmodulepath', 'rulesfile', 'logfile',
-             'loglevel', 'maxline')
+             'loglevel', 'maxline', 'rulestimeout')
 _LOG_LEVELS = ('debug', 'info', 'warning', 'error')
 
 
@@ -104,6 +106,12 @@ class _EndEvent(BaseException):
     """Raised by exit() in a rules file: stop processing this event.
 
     A BaseException, so that a rules file's `except Exception:` cannot swallow it."""
+
+
+class _RulesTimeout(BaseException):
+    """Raised inside rules code by the watchdog (SIGALRM): the rules have run
+    on one event for more than `rulestimeout` seconds.  A BaseException for
+    the same reason as _EndEvent."""
 
 
 ##############################################################################
@@ -262,6 +270,7 @@ class _Config(object):
         self.logfile = None
         self.loglevel = 'info'
         self.maxline = MAX_LINE
+        self.rulestimeout = RULES_TIMEOUT
 
     def resolve(self, value):
         """A path from the file, relative to the file's own directory."""
@@ -476,11 +485,10 @@ def _finish_config(config, error):
               % (', '.join(_LOG_LEVELS), level))
         level = 'info'
     config.loglevel = level
-    if 'maxline' in config.top:
-        holder = _Block('top', '', 0)
-        holder.items['maxline'] = config.top['maxline']
-        holder.lines['maxline'] = config.top_lines['maxline']
-        config.maxline = _number(holder, 'maxline', MAX_LINE, error, integer=True)
+    top = _Block('top', '', 0)      # the top-level keys, for _number
+    top.items, top.lines = config.top, config.top_lines
+    config.maxline = _number(top, 'maxline', MAX_LINE, error, integer=True)
+    config.rulestimeout = _number(top, 'rulestimeout', RULES_TIMEOUT, error)
     if config.rulesfiles and [v for v, _ in config.rulesfiles] == ['NORULES']:
         config.rulesfiles = []
     elif any(v == 'NORULES' for v, _ in config.rulesfiles):
@@ -1535,10 +1543,13 @@ class _Rules(object):
     of one event.  writeTo() snapshots it at call time; values become str,
     None values are left out."""
 
-    def __init__(self, files, outputs, old=None):
+    def __init__(self, files, outputs, timeout=RULES_TIMEOUT, old=None):
         self.outputs = frozenset(outputs)
+        self.timeout = timeout
+        self.paths = frozenset(path for path, _, _ in files)
         self.errors = 0
-        self._deliveries = None
+        self._deliveries = None     # the event's writeTo list: new for every event
+        self._seen = None           # the list the watchdog saw last time
         self._ns = None
         self._warn = _Throttle()
         kept = dict((path, (source, ns)) for path, source, ns in (old.files if old else []))
@@ -1560,6 +1571,20 @@ class _Rules(object):
 
     def _exit(self, *ignored):
         raise _EndEvent()
+
+    def watchdog(self, frame):
+        """SIGALRM, every `timeout` seconds (see _Signals): when the rules
+        are still on the event they had at the last tick, they have run on
+        it for `timeout` to twice that: interrupt them where they are, if
+        that is in a rules file (frame is the innermost running frame)."""
+        current = self._deliveries
+        if current is not None and current is self._seen:
+            while frame is not None:
+                if frame.f_code.co_filename in self.paths:
+                    self._seen = None
+                    raise _RulesTimeout()
+                frame = frame.f_back
+        self._seen = current
 
     def _write_to(self, *names):
         unknown = [n for n in names if n not in self.outputs]
@@ -1595,19 +1620,26 @@ class _Rules(object):
             except (_EndEvent, SystemExit):
                 break
             except Exception as e:
-                self.errors += 1
-                line = '?'
-                for frame in traceback.extract_tb(sys.exc_info()[2]):
-                    if frame[0] == path:
-                        line = frame[1]
-                event = repr(tokens)
-                if len(event) > EVENT_REPR_MAX:
-                    event = event[:EVENT_REPR_MAX] + '...'
-                self._warn(logging.ERROR, '%s:%s: %s: %s; event skipped: %s', path, line,
-                           type(e).__name__, e, event)
+                self._error(path, '%s: %s' % (type(e).__name__, e), tokens)
+                break
+            except _RulesTimeout:
+                self._error(path, 'still running after %g s (rulestimeout), interrupted'
+                            % self.timeout, tokens)
                 break
             out = ns['outputTokens']
         return deliveries
+
+    def _error(self, path, what, tokens):
+        """Log the exception being handled at its line in the rules file."""
+        self.errors += 1
+        line = '?'
+        for frame in traceback.extract_tb(sys.exc_info()[2]):
+            if frame[0] == path:
+                line = frame[1]
+        event = repr(tokens)
+        if len(event) > EVENT_REPR_MAX:
+            event = event[:EVENT_REPR_MAX] + '...'
+        self._warn(logging.ERROR, '%s:%s: %s; event skipped: %s', path, line, what, event)
 
 
 ##############################################################################
@@ -1629,7 +1661,7 @@ class _Router(object):
         self.deliveries = 0
         self.blocked = False
         self._std = {}
-        self.rules = _Rules(rules, config.outputs) if rules else None
+        self.rules = _Rules(rules, config.outputs, config.rulestimeout) if rules else None
         self.input = _Input(self, config.input)
         self.outputs = collections.OrderedDict(
             (name, _Output(self, block)) for name, block in config.outputs.items())
@@ -1779,7 +1811,8 @@ class _Router(object):
         if self.stopping:
             _log.warning('reload ignored: Looper is stopping')
             return
-        self.rules = _Rules(rules, config.outputs, old=self.rules) if rules else None
+        self.rules = (_Rules(rules, config.outputs, config.rulestimeout, old=self.rules)
+                      if rules else None)
         outputs = collections.OrderedDict()
         for name, block in config.outputs.items():
             old = self.outputs.pop(name, None)
@@ -1888,6 +1921,19 @@ class _Signals(object):
         return '<_Signals fd=%d READ>' % self._r.fileno()
 
 
+def _watch_rules(rules):
+    """The rules watchdog, the one signal handler that acts: SIGALRM every
+    rulestimeout seconds runs rules.watchdog() in whatever Python code was
+    running, which interrupts rules stuck on one event (a loop that never
+    ends, a call that never returns).  No rules, no timer.  Children do not
+    inherit the timer (fork) nor the handler (exec)."""
+    if rules is None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        return
+    signal.signal(signal.SIGALRM, lambda signum, frame: rules.watchdog(frame))
+    signal.setitimer(signal.ITIMER_REAL, rules.timeout, rules.timeout)
+
+
 def _reload(router, config_path, options):
     """SIGHUP: validate the new configuration and rules first; if they are
     bad, log why and keep running the old ones.  Reopen the log."""
@@ -1898,6 +1944,7 @@ def _reload(router, config_path, options):
         return
     _setup_logging(config.logfile, options.loglevel or config.loglevel)
     router.reconfigure(config, rules)
+    _watch_rules(router.rules)
 
 
 def _run(config_path, options):
@@ -1914,6 +1961,7 @@ def _run(config_path, options):
     _log.debug('event loop: %r', loop)
     router = _Router(loop, config, rules)
     _Signals(loop, router, lambda: _reload(router, config_path, options))
+    _watch_rules(router.rules)
     router.start()
     while not router.finished:
         loop.run_once()
@@ -1946,7 +1994,8 @@ def _test(config_path):
         print(str(e), file=sys.stderr)
         return EX_CONFIG
     _setup_logging(None, 'warning')
-    router_rules = _Rules(rules, config.outputs) if rules else None
+    router_rules = _Rules(rules, config.outputs, config.rulestimeout) if rules else None
+    _watch_rules(router_rules)
     parser = _EventParser('stdin', config.maxline)
     out = sys.stdout.buffer if hasattr(sys.stdout, 'buffer') else sys.stdout
     names = tuple(config.outputs)

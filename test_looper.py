@@ -297,6 +297,8 @@ output out {
          4, "overflow must be 'block' or 'drop'"),
         ("input a { module = 'x' }\noutput o {\n module = 'x'\n queuesize = lots\n}\n",
          4, 'queuesize must be a positive whole number'),
+        ("rulestimeout = 0\ninput a { module = 'x' }\noutput o { module = 'x' }\n",
+         1, "rulestimeout must be a positive number of seconds, not '0'"),
         ("input a { module = 'x' }\noutput o {\n module = 'x'\n module = 'y'\n}\n",
          4, "duplicate key 'module' (first set at line 5)"),
         ("input a { module = 'nosuch' }\noutput o { module = 'x' }\n", 1, "module 'nosuch' not found"),
@@ -589,6 +591,50 @@ class TestRules(object):
         err = p.stderr.decode()
         assert re.search(r"r\.rules:3: KeyError: 'missing'; event skipped: \{'k': 'bad'\}", err), err
         assert p.returncode == 1
+
+    def test_rules_stuck_on_an_event_are_interrupted_and_only_that_event_skipped(self, tmp):
+        # One event sleeps forever behind `except Exception` (which must not
+        # swallow the interruption), one spins in pure Python, one is stuck in
+        # a regex that backtracks (C code), one waits on a silent socket.
+        conf = norules_conf(tmp, "import re, socket, time\n"
+                                 "if inputTokens['k'] == 'sleep':\n"
+                                 "    while True:\n"
+                                 "        try:\n"
+                                 "            time.sleep(0.05)\n"
+                                 "        except Exception:\n"
+                                 "            pass\n"
+                                 "while inputTokens['k'] == 'spin':\n"
+                                 "    pass\n"
+                                 "if inputTokens['k'] == 'regex':\n"
+                                 "    re.match(r'(a+)+$', 'a' * 40 + 'b')\n"
+                                 "if inputTokens['k'] == 'socket':\n"
+                                 "    a, b = socket.socketpair()\n"
+                                 "    a.recv(1)\n"
+                                 "writeTo('a')\n")
+        with open(conf, 'a') as f:
+            f.write('rulestimeout = 0.2\n')
+        got, p = run_test_mode(conf, ''.join('k=%s\ngo\n' % k for k in (
+            '1', 'sleep', '2', 'spin', '3', 'regex', '4', 'socket', '5')))
+        assert [d['tokens']['k'] for d in got] == ['1', '2', '3', '4', '5']
+        err = p.stderr.decode()
+        assert re.search(r"r\.rules:5: still running after 0\.2 s \(rulestimeout\), interrupted; "
+                         r"event skipped: \{'k': 'sleep'\}", err), err
+        assert p.returncode == 1
+
+    def test_a_stuck_rules_file_does_not_stop_a_real_run(self, tmp):
+        py_module(tmp, 'src', COUNTER_IN)
+        py_module(tmp, 'rec', RECORDER)
+        write(os.path.join(tmp, 'r.rules'), "while inputTokens['n'] == '3':\n    pass\nwriteTo('a')\n")
+        conf = config(tmp, "inputmodulepath = .\noutputmodulepath = .\nrulesfile = r.rules\n"
+                           "rulestimeout = 0.2\ninput i { module = src\n count = 6 }\n"
+                           "output a { module = rec }\n")
+        p = run([conf])
+        assert p.returncode == 0, p.stderr
+        assert numbers_in(tmp, 'a') == [0, 1, 2, 4, 5]
+        # Interrupted on the loop's line 1 or 2, wherever it was.
+        assert re.search(r"r\.rules:[12]: still running after 0\.2 s \(rulestimeout\), "
+                         r"interrupted; event skipped: \{'n': '3', 'msg': 'event 3'\}", p.stderr), p.stderr
+        assert counters(p.stderr)['rules_errors'] == 1
 
     def test_unknown_output_is_an_error(self, tmp):
         conf = norules_conf(tmp, "writeTo('a')\nwriteTo('nosuch')\n")
