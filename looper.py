@@ -668,8 +668,9 @@ class _EventParser(object):
         """Return the list of complete events in data.
 
         The whole chunk is split at `go` lines with one str.split; each event
-        then becomes a dict of its lines split at their first `=`.  Anything unusual (a line
-        without `=`, a blank line, an over-long line) takes _parse_slowly."""
+        then becomes a dict of its lines split at their first `=`.  Anything
+        unusual (a line without `=`, a blank line, an over-long line) takes
+        _parse_slowly."""
         text = self.lines.feed(data)
         if text is None:
             return []
@@ -1573,7 +1574,7 @@ class _Rules(object):
         raise _EndEvent()
 
     def watchdog(self, frame):
-        """SIGALRM, every `timeout` seconds (see _Signals): when the rules
+        """SIGALRM, every `timeout` seconds (see _watch_rules): when the rules
         are still on the event they had at the last tick, they have run on
         it for `timeout` to twice that: interrupt them where they are, if
         that is in a rules file (frame is the innermost running frame)."""
