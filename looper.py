@@ -1300,18 +1300,22 @@ class _Output(_Module):
         return not self.depth() and not self.router.input.pending
 
     def enqueue(self, data):
+        """Queue an event, or drop and count it; True when that made a
+        blocking output full."""
         if self.state == 'done':
             self.dropped += 1
             self._drop_warn(logging.ERROR, '%s has stopped; dropped an event; %d dropped so far',
                             self.label, self.dropped)
-            return
-        if self.depth() >= self.queuesize and not self.blocking:
+            return False
+        depth = self.depth()
+        if depth >= self.queuesize and not self.blocking:
             self.dropped += 1
             self._drop_warn(logging.WARNING, "%s: queue full (%d events), dropped an event; "
                             "%d dropped so far", self.label, self.queuesize, self.dropped)
-            return
+            return False
         self.queue.append(data)
         self.loop.dirty.add(self)
+        return self.blocking and depth + 1 >= self.queuesize
 
     # -- the module's life --------------------------------------------------
 
@@ -1337,15 +1341,16 @@ class _Output(_Module):
                 self.stdin.write(self.inflight)
                 self._arm_confirm('an event')
         else:
-            while self.queue and not self.stdin.backlog and self.stdin.fd is not None:
-                size = 0
+            queue, sending = self.queue, self.sending
+            while queue and not self.stdin.backlog and self.stdin.fd is not None:
+                start = end = self._sent_end
                 batch = []
-                while self.queue and size < WRITE_CHUNK:
-                    data = self.queue.popleft()
-                    size += len(data)
-                    self._sent_end += len(data)
-                    self.sending.append((self._sent_end, data))
+                while queue and end - start < WRITE_CHUNK:
+                    data = queue.popleft()
+                    end += len(data)
+                    sending.append((end, data))
                     batch.append(data)
+                self._sent_end = end
                 self.stdin.write(b''.join(batch))
                 self._account()
         if self.stdin and self.stdin.backlog and self._write_timer is None:
@@ -1364,7 +1369,8 @@ class _Output(_Module):
             history.append(sending.popleft())
             n += 1
         if n:
-            while history[0][0] < written - PIPE_WINDOW:
+            oldest = written - PIPE_WINDOW
+            while history[0][0] < oldest:
                 history.popleft()
             self.delivered += n
             self.router.output_progress(self)
@@ -1722,9 +1728,7 @@ class _Router(object):
             data = _encode_event(snapshot)
             self.deliveries += len(names)
             for name in names:
-                output = outputs[name]
-                output.enqueue(data)
-                if output.blocking and output.full():
+                if outputs[name].enqueue(data):
                     self.blocked = True
 
     def output_progress(self, output):
