@@ -1594,8 +1594,8 @@ class _Rules(object):
         self._seen = current
 
     def _write_to(self, *names):
-        unknown = [n for n in names if n not in self.outputs]
-        if unknown or not names:
+        if not names or not self.outputs.issuperset(names):
+            unknown = [n for n in names if n not in self.outputs]
             raise LookupError('writeTo(%s): no output named %s; outputs are: %s' % (
                 ', '.join(repr(n) for n in names), ', '.join(repr(n) for n in unknown) or '()',
                 ', '.join(sorted(self.outputs))))
