@@ -29,6 +29,10 @@ PY = os.environ.get('LOOPER_PYTHON', sys.executable)
 IN_CI = os.environ.get('CI') == 'true'
 DEADLINE = 30.0         # seconds: the longest any single wait in these tests may take
 
+# Users' hosts do not set PYTHONUNBUFFERED; with it, a module that forgets to
+# flush would still work here.  Every process the tests start inherits this.
+os.environ.pop('PYTHONUNBUFFERED', None)
+
 
 ##############################################################################
 # Helpers
