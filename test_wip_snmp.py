@@ -802,3 +802,376 @@ class TestSnmpTrapIn(object):
         assert p.returncode == 78, p.stderr
         assert "listen: permission denied on '127.0.0.1:162': ports below 1024 need root or " \
                "CAP_NET_BIND_SERVICE" in p.stderr
+
+
+##############################################################################
+# snmptrap_out by itself, with net-snmp's snmptrapd as the manager
+##############################################################################
+
+class FakeManager(object):
+    """A UDP socket in a thread that records every datagram and answers the
+    informs whose request-ids `answer(requestid)` says yes to."""
+
+    def __init__(self, answer=lambda requestid: False):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(('127.0.0.1', 0))
+        self.sock.settimeout(0.1)
+        self.port = self.sock.getsockname()[1]
+        self.datagrams = []
+        self._answer = answer
+        self._stop = False
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self):
+        c = codec()
+        while not self._stop:
+            try:
+                data, address = self.sock.recvfrom(65535)
+            except socket.timeout:
+                continue
+            self.datagrams.append(data)
+            message = c.decode_message(data)
+            if message['pdu'] == c.INFORM and self._answer(message['requestid']):
+                message['pdu'] = c.RESPONSE
+                self.sock.sendto(c.encode_message(message), address)
+
+    def stop(self):
+        self._stop = True
+        self._thread.join(DEADLINE)
+        self.sock.close()
+
+
+def decoded(datagram):
+    c = codec()
+    message = c.decode_message(datagram)
+    message['values'] = [(oid, c.value_text(tag, body)) for oid, tag, body in message['varbinds']]
+    return message
+
+
+class TestSnmpTrapOut(object):
+    """snmptrap_out by itself: its traps printed by a real snmptrapd,
+    field by field; its answers read from its stdout."""
+
+    def test_a_v2c_trap_with_every_type_letter(self, tmp):
+        manager = Snmptrapd(tmp)
+        out = None
+        try:
+            out = TrapOut(tmp, managementstation='127.0.0.1:%d' % manager.port, module='snmptrap_out')
+            answers = out.send([
+                ('trapoid', LINK_DOWN), ('uptime', '4242'),
+                ('varbinds', ' | '.join([IF_INDEX_2 + '=i:-7', IF_DESCR_2 + '=eth0 | went down',
+                                         PLAYPEN + '.1=u:4294967295'])),
+                (PLAYPEN + '.2', 'c:5'), (PLAYPEN + '.3', 'C:18446744073709551615'),
+                (PLAYPEN + '.4', 't:360000'), (PLAYPEN + '.5', 'a:10.1.2.3'), (PLAYPEN + '.6', 'o:.1.3.6.1.2.1'),
+                (PLAYPEN + '.7', 's:i:not an integer'), (PLAYPEN + '.8', 'x:0a 1b'), (PLAYPEN + '.9', 'd:10.1.2.3'),
+                (PLAYPEN + '.10', 'n:'), (PLAYPEN + '.11', 'two\\nlines'), (PLAYPEN + '.12', ''),
+                ('version', '2c'), ('community', 'ignored'), ('node', 'not a varbind')])
+            assert answers == ['ok']
+            [trap] = manager.wait(1)
+        finally:
+            assert out is None or out.close() == 0
+            manager.stop()
+        assert trap['pdu'] == 'TRAP2, SNMP v2c, community public' and trap['version'] == '1'
+        assert trap['transport'].startswith('UDP: [127.0.0.1]:')
+        assert list(trap['varbinds'].items()) == [
+            (SYS_UPTIME, 'Timeticks: (4242) 0:00:42.42'), (TRAP_OID, 'OID: ' + LINK_DOWN),
+            (IF_INDEX_2, 'INTEGER: -7'), (IF_DESCR_2, 'STRING: "eth0 | went down"'),
+            (PLAYPEN + '.1', 'Gauge32: 4294967295'), (PLAYPEN + '.2', 'Counter32: 5'),
+            (PLAYPEN + '.3', 'Counter64: 18446744073709551615'),
+            (PLAYPEN + '.4', 'Timeticks: (360000) 1:00:00.00'), (PLAYPEN + '.5', 'IpAddress: 10.1.2.3'),
+            (PLAYPEN + '.6', 'OID: .1.3.6.1.2.1'), (PLAYPEN + '.7', 'STRING: "i:not an integer"'),
+            (PLAYPEN + '.8', 'Hex-STRING: 0A 1B '), (PLAYPEN + '.9', 'Hex-STRING: 0A 01 02 03 '),
+            (PLAYPEN + '.10', 'NULL'), (PLAYPEN + '.11', 'STRING: "two\nlines"'),
+            (PLAYPEN + '.12', '""')]
+
+    def test_v1_traps_with_the_fields_given_or_translated(self, tmp):
+        manager = Snmptrapd(tmp)
+        out = None
+        try:
+            out = TrapOut(tmp, managementstation='127.0.0.1', port=str(manager.port), version='1',
+                          community='public', agentaddress='192.0.2.1', enterprise='1.3.6.1.4.1.99')
+            answers = out.send(
+                [('generic-trap', '6'), ('specific-trap', '17'), ('enterprise', '.1.3.6.1.4.1.8072'),
+                 ('agentaddr', '192.0.2.7'), ('uptime', '1234'), (PLAYPEN + '.1', 'hello')],
+                [('generictrap', '0'), ('uptime', '5')],                    # the keys' defaults
+                [('trapoid', '.1.3.6.1.4.1.8072.4.0.2'), ('uptime', '6'), ('agentaddr', '::1'),
+                 ('varbinds', '%s=%s | %s=a:192.0.2.8 | %s=C:5 | %s=x' % (
+                     SYS_UPTIME, '99', TRAP_ADDRESS, PLAYPEN + '.2', PLAYPEN + '.3'))],
+                [('trapoid', LINK_DOWN), ('uptime', '7'), (TRAP_ENTERPRISE, '.1.3.6.1.4.1.9'),
+                 (IF_INDEX_2, 'i:2')])
+            assert answers == ['ok'] * 4
+            one, two, three, four = manager.wait(4)
+        finally:
+            assert out is None or out.close() == 0
+            manager.stop()
+        assert one['pdu'] == 'TRAP, SNMP v1, community public' and one['version'] == '0'
+        assert (one['agentaddr'], one['enterprise'], one['generic'], one['specific'], one['uptime']) == (
+            '192.0.2.7', '.1.3.6.1.4.1.8072', '6', '.17', '1234')
+        assert one['varbinds'] == {PLAYPEN + '.1': 'STRING: "hello"'}
+        assert (two['agentaddr'], two['enterprise'], two['generic'], two['specific'], two['uptime']) == (
+            '192.0.2.1', '.1.3.6.1.4.1.99', '0', '0', '5')
+        # RFC 3584 3.2: enterprise and specific from the trapoid, the agent
+        # from snmpTrapAddress.0 (an IPv6 agentaddr cannot be a v1 one),
+        # the header varbinds left out, and Counter64, which v1 cannot carry.
+        assert (three['agentaddr'], three['enterprise'], three['generic'], three['specific'],
+                three['uptime']) == ('192.0.2.8', '.1.3.6.1.4.1.8072.4', '6', '.2', '6')
+        assert three['varbinds'] == {PLAYPEN + '.3': 'STRING: "x"'}
+        assert 'left out %s.2=C:5: SNMPv1 has no Counter64' % PLAYPEN in out.stderr()
+        assert (four['enterprise'], four['generic'], four['specific']) == ('.1.3.6.1.4.1.9', '2', '0')
+        assert four['varbinds'] == {IF_INDEX_2: 'INTEGER: 2'}
+
+    def test_informs_wait_for_the_response_of_snmptrapd(self, tmp):
+        manager = Snmptrapd(tmp, address='udp6:[::1]:%d')
+        out = None
+        try:
+            out = TrapOut(tmp, managementstation='[::1]:%d' % manager.port, inform='yes')
+            assert out.send({'trapoid': LINK_DOWN, IF_INDEX_2: 'i:2'}, {'trapoid': '.1.3.6.1.6.3.1.1.5.4'}) \
+                == ['ok', 'ok']
+            down, up = manager.wait(2)
+        finally:
+            assert out is None or out.close() == 0
+            manager.stop()
+        assert down['pdu'] == up['pdu'] == 'INFORM, SNMP v2c, community public'
+        assert down['transport'].startswith('UDP/IPv6: [::1]:'), down['transport']
+        assert down['varbinds'][IF_INDEX_2] == 'INTEGER: 2' and up['varbinds'][TRAP_OID] == 'OID: .1.3.6.1.6.3.1.1.5.4'
+
+    def test_informs_without_a_response_are_errors_and_later_ones_follow_in_order(self, tmp):
+        answered = set()
+        manager = FakeManager(lambda requestid: requestid in answered)
+        out = TrapOut(tmp, managementstation='127.0.0.1:%d' % manager.port, inform='yes',
+                      timeout='0.2', retries='2')
+        try:
+            # The manager answers the first and the third inform, never the second.
+            def answer(requestid):
+                order = sorted(set(codec().decode_message(d)['requestid'] for d in manager.datagrams))
+                return requestid in (order[0], order[-1]) and len(order) == 3
+            manager._answer = answer
+            start = time.monotonic()
+            answers = out.send({'trapoid': LINK_DOWN}, {'trapoid': LINK_DOWN}, {'trapoid': LINK_DOWN})
+            took = time.monotonic() - start
+            assert answers == ['ok', 'error no Response from 127.0.0.1:%d to the inform after 3 tries'
+                               % manager.port, 'error not sent: an earlier event failed'], answers
+            assert 0.5 < took < 5, took
+            ids = [codec().decode_message(d)['requestid'] for d in manager.datagrams]
+            assert len(set(ids)) == 3 and ids.count(sorted(set(ids))[1]) == 3      # sent 3 times
+        finally:
+            assert out.close() == 0
+            manager.stop()
+        # Nothing listens: the ICMP port unreachable makes an error at once.
+        closed = free_udp_port()
+        out = TrapOut(tmp, managementstation='127.0.0.1:%d' % closed, inform='yes', timeout='5')
+        try:
+            start = time.monotonic()
+            [answer] = out.send({'trapoid': LINK_DOWN})
+            assert answer.startswith('error 127.0.0.1:%d refused the inform' % closed), answer
+            assert time.monotonic() - start < 4
+        finally:
+            assert out.close() == 0
+
+    def test_events_that_can_never_be_traps_are_rejected_and_the_rest_sent(self, tmp):
+        manager = FakeManager()
+        out = TrapOut(tmp, managementstation='127.0.0.1:%d' % manager.port)
+        try:
+            answers = out.send(
+                {'trapoid': LINK_DOWN, 'n': '1'},
+                {'node': 'gw1', 'desc': 'no trap here'},
+                {'trapoid': '.1.3.x'},
+                {'trapoid': '.5.1'},
+                {'trapoid': LINK_DOWN, '.1.3.6.1.2.x': '5'},
+                {'trapoid': LINK_DOWN, IF_INDEX_2: 'i:two'},
+                {'trapoid': LINK_DOWN, IF_INDEX_2: 'a:10.1.2'},
+                {'trapoid': LINK_DOWN, IF_INDEX_2: 'x:0g'},
+                {'trapoid': LINK_DOWN, IF_INDEX_2: 'i:2147483648'},
+                {'trapoid': LINK_DOWN, 'varbinds': 'no oid here | %s=1' % IF_INDEX_2},
+                {'trapoid': LINK_DOWN, 'uptime': 'soon'},
+                {'trapoid': LINK_DOWN, IF_DESCR_2: 'x' * 70000},
+                {'trapoid': LINK_DOWN, 'n': '2'})
+        finally:
+            assert out.close() == 0
+        assert re.match(r'reject the trap would be 70\d\d\d bytes, more than a UDP datagram holds '
+                        r'\(65507\)$', answers[11]), answers[11]
+        answers[11] = 'the size'
+        assert answers == [
+            'ok',
+            'reject the event has no trapoid (and no generic-trap)',
+            "reject trapoid: '.1.3.x' is not a numeric OID",
+            "reject trapoid: '.5.1' is not a valid OID",
+            "reject '.1.3.6.1.2.x' is not a numeric OID",
+            "reject %s: 'i:two' is not a value of type i: INTEGER: 'two' is not a whole number from "
+            "-2147483648 to 2147483647" % IF_INDEX_2,
+            "reject %s: 'a:10.1.2' is not a value of type a: '10.1.2' is not an IPv4 address" % IF_INDEX_2,
+            "reject %s: 'x:0g' is not a value of type x: non-hexadecimal number found in fromhex() arg "
+            "at position 1" % IF_INDEX_2,
+            "reject %s: 'i:2147483648' is not a value of type i: INTEGER: '2147483648' is not a whole "
+            "number from -2147483648 to 2147483647" % IF_INDEX_2,
+            "reject varbinds: 'no oid here' is not OID=VALUE",
+            "reject uptime: 'soon' is not a whole number from 0 to 4294967295",
+            'the size', 'ok'], answers
+        wait_until(lambda: len(manager.datagrams) == 2)
+        manager.stop()
+
+    def test_raw_forwarding_keeps_the_datagram_and_the_v1_agent(self, tmp):
+        """A v1 trap from net-snmp through snmptrap_in, its rawtrap forwarded
+        by snmptrap_out: byte for byte, and as snmptrapd sees it (the agent
+        address is the original agent's, not the forwarder's)."""
+        trap_in = TrapIn(tmp)
+        try:
+            port = trap_in.ports()[0]
+            p = net_snmp(tmp, 'snmptrap', '-v', '1', '-c', 'public', '127.0.0.1:%d' % port,
+                         '.1.3.6.1.4.1.8072', '192.0.2.7', '6', '17', '4242', *V1_VARBINDS)
+            assert p.returncode == 0, p.stderr
+            p = net_snmp(tmp, 'snmptrap', '-v', '2c', '-c', 'public', '127.0.0.1:%d' % port, '4243',
+                         LINK_DOWN, IF_INDEX_2, 'i', '2')
+            assert p.returncode == 0, p.stderr
+            v1, v2 = trap_in.wait_events(2)
+        finally:
+            trap_in.stop()
+        exact = FakeManager()
+        manager = Snmptrapd(tmp)
+        try:
+            out = TrapOut(tmp, managementstation='127.0.0.1:%d' % exact.port, rawmode='yes')
+            assert out.send(v1, v2) == ['ok', 'ok']
+            assert out.close() == 0
+            wait_until(lambda: len(exact.datagrams) == 2)
+            assert exact.datagrams == [base64.b64decode(v1['rawtrap']), base64.b64decode(v2['rawtrap'])]
+            out = TrapOut(tmp, managementstation='127.0.0.1:%d' % manager.port, rawmode='yes')
+            extra = PLAYPEN + '.1=s:seen by looper | ' + PLAYPEN + '.2=i:5'
+            assert out.send(v1, dict(v1, enhancetrap=extra), {'trapoid': LINK_DOWN},
+                            {'rawtrap': 'not base64!'}, {'rawtrap': base64.b64encode(b'\x30\x00').decode()}) == [
+                'ok', 'ok', 'reject rawmode is on and the event has no rawtrap',
+                'reject rawtrap is not base64',
+                'reject rawtrap is not an SNMP trap: not an SNMP message']
+            assert out.close() == 0
+            out = TrapOut(tmp, managementstation='127.0.0.1:%d' % manager.port, rawmode='yes',
+                          inform='yes')
+            assert out.send(v2, dict(v1, enhancetrap=extra)) == ['ok', 'ok']
+            assert out.close() == 0
+            plain, enhanced, inform, v1_again = manager.wait(4)
+        finally:
+            exact.stop()
+            manager.stop()
+        for record in (plain, enhanced, v1_again):
+            assert record['pdu'] == 'TRAP, SNMP v1, community public'
+            assert (record['agentaddr'], record['enterprise'], record['generic'], record['specific'],
+                    record['uptime']) == ('192.0.2.7', '.1.3.6.1.4.1.8072', '6', '.17', '4242')
+            assert list(record['varbinds'])[:8] == [oid for oid, _ in V1_VALUES]
+            assert record['varbinds']['.1.3.6.1.4.1.8072.1'] == 'STRING: "hello world"'
+        assert len(plain['varbinds']) == 8
+        assert list(enhanced['varbinds'].items())[8:] == [(PLAYPEN + '.1', 'STRING: "seen by looper"'),
+                                                          (PLAYPEN + '.2', 'INTEGER: 5')]
+        assert enhanced['varbinds'] == v1_again['varbinds']
+        assert inform['pdu'] == 'INFORM, SNMP v2c, community public'
+        assert list(inform['varbinds'].items()) == [(SYS_UPTIME, 'Timeticks: (4243) 0:00:42.43'),
+                                                    (TRAP_OID, 'OID: ' + LINK_DOWN), (IF_INDEX_2, 'INTEGER: 2')]
+
+    def test_rewritten_events_keep_their_types_and_a_v1_agent_survives_v2c(self, tmp):
+        """Cooked forwarding of snmptrap_in's events, rewritten as rules
+        would: plain values keep the type they had in the rawtrap; a v1
+        trap sent as v2c carries its agent and enterprise (RFC 3584 3.1)."""
+        trap_in = TrapIn(tmp)
+        try:
+            port = trap_in.ports()[0]
+            p = net_snmp(tmp, 'snmptrap', '-v', '1', '-c', 'public', '127.0.0.1:%d' % port,
+                         '.1.3.6.1.4.1.8072', '192.0.2.7', '6', '17', '4242', *V1_VARBINDS)
+            assert p.returncode == 0, p.stderr
+            [v1] = trap_in.wait_events(1)
+        finally:
+            trap_in.stop()
+        manager = Snmptrapd(tmp)
+        try:
+            out = TrapOut(tmp, managementstation='127.0.0.1:%d' % manager.port, version='2c')
+            rewritten = dict(v1)
+            rewritten['.1.3.6.1.4.1.8072.2'] = '99'                 # was INTEGER -7
+            rewritten['.1.3.6.1.4.1.8072.6'] = '10.9.9.9'           # was IpAddress
+            rewritten['.1.3.6.1.4.1.8072.1'] = 'c:12'               # a new type, explicitly
+            rewritten['.1.3.6.1.4.1.8072.3'] = 'not a number'       # cannot be Gauge32: a string
+            assert out.send(v1, rewritten) == ['ok', 'ok']
+            assert out.close() == 0
+            same, changed = manager.wait(2)
+        finally:
+            manager.stop()
+        assert same['pdu'] == 'TRAP2, SNMP v2c, community public'
+        assert list(same['varbinds'].items()) == [
+            (SYS_UPTIME, 'Timeticks: (4242) 0:00:42.42'), (TRAP_OID, 'OID: .1.3.6.1.4.1.8072.0.17'),
+            ('.1.3.6.1.4.1.8072.1', 'STRING: "hello world"'), ('.1.3.6.1.4.1.8072.2', 'INTEGER: -7'),
+            ('.1.3.6.1.4.1.8072.3', 'Gauge32: 4294967295'), ('.1.3.6.1.4.1.8072.4', 'Counter32: 5'),
+            ('.1.3.6.1.4.1.8072.5', 'Timeticks: (360000) 1:00:00.00'),
+            ('.1.3.6.1.4.1.8072.6', 'IpAddress: 10.1.2.3'), ('.1.3.6.1.4.1.8072.7', 'OID: .1.3.6.1.2.1'),
+            ('.1.3.6.1.4.1.8072.8', 'Hex-STRING: 00 FF 10 '),
+            (TRAP_ADDRESS, 'IpAddress: 192.0.2.7'), (TRAP_ENTERPRISE, 'OID: .1.3.6.1.4.1.8072')]
+        assert changed['varbinds']['.1.3.6.1.4.1.8072.2'] == 'INTEGER: 99'
+        assert changed['varbinds']['.1.3.6.1.4.1.8072.6'] == 'IpAddress: 10.9.9.9'
+        assert changed['varbinds']['.1.3.6.1.4.1.8072.1'] == 'Counter32: 12'
+        assert changed['varbinds']['.1.3.6.1.4.1.8072.3'] == 'STRING: "not a number"'
+
+    def test_varbindoids_names_the_varbinds_given_without_an_oid(self, tmp):
+        manager = FakeManager()
+        out = TrapOut(tmp, managementstation='127.0.0.1:%d' % manager.port, varbindoids=PLAYPEN[1:] + '.',
+                      varbinddelimeter=';')
+        try:
+            assert out.send({'trapoid': PLAYPEN + '.0.1', 'varbinds': 'first;2.1=i:5;.1.3.6.1.2.1.1.5.0=gw1;last',
+                             '7': 'a relative token', 'node': 'ignored'}) == ['ok']
+        finally:
+            assert out.close() == 0
+        wait_until(lambda: manager.datagrams)
+        manager.stop()
+        message = decoded(manager.datagrams[0])
+        assert message['values'][2:] == [(PLAYPEN + '.1', 'first'), (PLAYPEN + '.2.1', '5'),
+                                         ('.1.3.6.1.2.1.1.5.0', 'gw1'), (PLAYPEN + '.4', 'last'),
+                                         (PLAYPEN + '.7', 'a relative token')]
+
+    def test_a_window_of_100_events_is_answered_in_order(self, tmp):
+        manager = FakeManager()
+        out = TrapOut(tmp, managementstation='127.0.0.1:%d' % manager.port, confirmwindow='100')
+        try:
+            events = [{'trapoid': LINK_DOWN, IF_INDEX_2: 'i:%d' % i} if i % 10 != 3 else {'n': str(i)}
+                      for i in range(100)]
+            answers = out.send(*events)
+        finally:
+            assert out.close() == 0
+        assert answers == ['reject the event has no trapoid (and no generic-trap)' if i % 10 == 3 else 'ok'
+                           for i in range(100)]
+        wait_until(lambda: len(manager.datagrams) == 90)
+        manager.stop()
+        assert [decoded(d)['values'][2][1] for d in manager.datagrams] == \
+            [str(i) for i in range(100) if i % 10 != 3]
+
+    def test_without_confirm_it_answers_nothing_and_reports_failures(self, tmp):
+        manager = FakeManager()
+        out = TrapOut(tmp, managementstation='127.0.0.1:%d' % manager.port, confirm='no')
+        out.send({'trapoid': LINK_DOWN}, {'n': '1'}, {'trapoid': LINK_DOWN}, answer=False)
+        assert out.close() == 0
+        assert out.proc.stdout.read() == b''
+        wait_until(lambda: len(manager.datagrams) == 2)
+        manager.stop()
+        assert re.search(r'^<4>snmptrap_out: an event was not sent: reject the event has no trapoid',
+                         out.stderr(), re.M), out.stderr()
+
+    def test_a_station_that_cannot_be_looked_up_is_an_error_not_a_crash(self, tmp):
+        out = TrapOut(tmp, managementstation='no.such.host.invalid:1162')
+        try:
+            [answer] = out.send({'trapoid': LINK_DOWN})
+            assert answer.startswith('error cannot reach no.such.host.invalid:1162: '), answer
+        finally:
+            assert out.close() == 0
+
+    def test_configuration_errors_exit_78_with_the_cause(self, tmp):
+        for text, message in (
+                ('', 'no managementstation configured'),
+                ('managementstation=h:x\n', "managementstation: 'h:x' is not HOST, HOST:PORT"),
+                ('managementstation=h:0\n', 'port 0 is not from 1 to 65535'),
+                ('managementstation=h\nport=p\n', "port must be a number, not 'p'"),
+                ('managementstation=h\nversion=3\n', "version must be '1' or '2c', not '3'"),
+                ('managementstation=h\nversion=1\ninform=yes\n', 'inform = yes needs version = 2c'),
+                ('managementstation=h\nagentaddress=1.2.3\n', "'1.2.3' is not an IPv4 address"),
+                ('managementstation=h\nenterprise=x\n', "'.x' is not a numeric OID"),
+                ('managementstation=h\nvarbindoids=1.3.6.x\n', "'.1.3.6.x' is not a numeric OID"),
+                ('managementstation=h\ntimeout=0\n', 'timeout must be a number greater than 0'),
+                ('managementstation=h\nrawmode=perhaps\n', 'rawmode must be yes or no'),
+                ('managementstation=h\nconfirm=maybe\n', 'confirm must be yes or no')):
+            p = run_module(SNMPTRAP_OUT, text + 'configure\n')
+            assert p.returncode == 78 and message in p.stderr and p.stderr.startswith('<3>'), (text, p.stderr)
+            assert p.stdout == ''
+        p = run_module(SNMPTRAP_OUT, 'managementstation=h\n')       # no `configure`: nothing to do
+        assert p.returncode == 0 and p.stdout == ''
