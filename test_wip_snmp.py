@@ -393,9 +393,13 @@ class TestSnmpCodec(object):
             assert p.returncode == 0 and p.stdout == load(path).__doc__
         out_keys = re.search(r"# keys = '(.*)'", read(SNMPTRAP_OUT)).group(1).split()
         for key in ('managementstation', 'port', 'community', 'version', 'agentaddress', 'enterprise',
-                    'rawmode', 'varbindoids', 'varbinddelimeter', 'varbinddelimiter', 'inform'):
+                    'rawmode', 'varbindoids', 'varbinddelimeter', 'varbinddelimiter', 'inform',
+                    'timeout', 'retries'):
             assert key in out_keys
-            assert '\n  %s ' % key in read(SNMPTRAP_OUT)            # documented
+            assert re.search(r'\n  (%s|varbinddelimeter .* or %s:) ' % (key, key),
+                             load(SNMPTRAP_OUT).__doc__), key           # documented
+        for key in ('listen', 'community', 'allow', 'varbinddelimiter'):
+            assert '\n  %s ' % key in load(SNMPTRAP_IN).__doc__, key
         assert "# confirm = 'yes'" in read(SNMPTRAP_OUT)
         in_keys = re.search(r"# keys = '(.*)'", read(SNMPTRAP_IN)).group(1).split()
         assert in_keys == ['listen', 'community', 'allow', 'varbinddelimiter']
@@ -810,7 +814,8 @@ class TestSnmpTrapIn(object):
 
 class FakeManager(object):
     """A UDP socket in a thread that records every datagram and answers the
-    informs whose request-ids `answer(requestid)` says yes to."""
+    informs whose request-ids `answer(requestid)` says yes to (answer=None:
+    it only records, quickly)."""
 
     def __init__(self, answer=lambda requestid: False):
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -831,6 +836,8 @@ class FakeManager(object):
             except socket.timeout:
                 continue
             self.datagrams.append(data)
+            if self._answer is None:
+                continue
             message = c.decode_message(data)
             if message['pdu'] == c.INFORM and self._answer(message['requestid']):
                 message['pdu'] = c.RESPONSE
@@ -1175,3 +1182,178 @@ class TestSnmpTrapOut(object):
             assert p.stdout == ''
         p = run_module(SNMPTRAP_OUT, 'managementstation=h\n')       # no `configure`: nothing to do
         assert p.returncode == 0 and p.stdout == ''
+
+
+##############################################################################
+# Through looper.py: the examples, end to end with net-snmp on both sides
+##############################################################################
+
+def example_conf(tmp, name, replacements):
+    """An example configuration with its paths and ports replaced (each
+    replaced text must be there, so the example cannot drift away)."""
+    text = read(os.path.join(EXAMPLES, name))
+    for old, new in replacements:
+        assert old in text, old
+        text = text.replace(old, new)
+    return config(tmp, text, name)
+
+
+def json_lines(path):
+    text = read(path)
+    return [json.loads(line)['tokens'] for line in text[:text.rfind('\n') + 1].splitlines()]
+
+
+def stop(looper):
+    looper.signal(signal.SIGTERM)
+    assert looper.wait() == 0, looper.log()
+
+
+class TestSnmpInLooper(object):
+    """The trap examples run by looper.py.  This class replaces
+    test_looper.py's TestSnmpTraps, which drove traps.conf with the old
+    snmptrapd_in tokens (agent, trap, vars)."""
+
+    def traps_conf(self, tmp, port, snmptrapd=False):
+        replacements = [("'rules/traps.rules'", repr(os.path.join(EXAMPLES, 'rules', 'traps.rules'))),
+                        ("'127.0.0.1:1162'", "'%s127.0.0.1:%d'" % ('udp:' if snmptrapd else '', port)),
+                        ('/tmp/looper-traps.alerts', os.path.join(tmp, 'alerts')),
+                        ('/tmp/looper-traps.log', os.path.join(tmp, 'archive'))]
+        if snmptrapd:
+            replacements.append(("module    = 'snmptrap_in'", "module    = %r" % SNMPTRAPD_IN))
+        return example_conf(tmp, 'traps.conf', replacements)
+
+    @pytest.mark.parametrize('receiver', ['snmptrap_in', 'snmptrapd_in'])
+    def test_traps_from_net_snmp_are_routed_by_the_traps_example(self, tmp, receiver):
+        if receiver == 'snmptrapd_in':
+            need('snmptrapd')
+        port = free_udp_port()
+        looper = Looper(self.traps_conf(tmp, port, receiver == 'snmptrapd_in'))
+        try:
+            looper.wait_log(r'NET-SNMP version' if receiver == 'snmptrapd_in' else
+                            r'listening on 127\.0\.0\.1:%d' % port)
+            target = '127.0.0.1:%d' % port
+            for args in (['-v', '2c', '-c', 'wrong', target, '', '.1.3.6.1.6.3.1.1.5.4'],
+                         ['-v', '2c', '-c', 'public', target, '', LINK_DOWN, IF_INDEX_2, 'i', '2',
+                          IF_DESCR_2, 's', 'eth0 went down'],
+                         ['-v', '1', '-c', 'public', target, '1.3.6.1.4.1.8072', '192.0.2.7', '6', '17', '',
+                          '1.3.6.1.4.1.8072.1', 's', 'hello']):
+                p = net_snmp(tmp, 'snmptrap', *args)
+                assert p.returncode == 0, p.stderr
+            wait_until(lambda: len(json_lines(os.path.join(tmp, 'archive'))) >= 2,
+                       what='two traps in the archive; log:\n' + looper.log())
+        finally:
+            stop(looper)
+        down, v1 = json_lines(os.path.join(tmp, 'archive'))
+        assert (down['agentaddr'], down['sender'], down['community'], down['version']) == (
+            '127.0.0.1', '127.0.0.1', 'public', '2c')
+        assert (down['name'], down['trapname'], down['trapoid']) == ('linkDown', 'linkDown', LINK_DOWN)
+        assert down[IF_DESCR_2] == 'eth0 went down' and down[IF_INDEX_2] == '2'
+        assert (v1['version'], v1['agentaddr'], v1['trapoid'], v1['name']) == (
+            '1', '192.0.2.7', '.1.3.6.1.4.1.8072.0.17', '.1.3.6.1.4.1.8072.0.17')
+        assert v1['.1.3.6.1.4.1.8072.1'] == 'hello' and v1['varbinds'] == '.1.3.6.1.4.1.8072.1=hello'
+        assert ('rawtrap' in v1) == (receiver == 'snmptrap_in')
+        alerts = read(os.path.join(tmp, 'alerts')).splitlines()
+        assert len(alerts) == 1 and alerts[0].split(' ', 1)[1] == 'agent=127.0.0.1 alert=linkDown ifIndex=2'
+
+    def test_the_trap_forwarder_example_end_to_end(self, tmp):
+        """net-snmp's snmptrap and snmpinform -> snmptrap_in -> trapfwd.rules
+        -> two snmptrap_out -> two real snmptrapd, checked field by field."""
+        port = free_udp_port()
+        nms1 = Snmptrapd(tmp, 'nms1')
+        nms2 = Snmptrapd(tmp, 'nms2')
+        looper = None
+        try:
+            conf = example_conf(tmp, 'trapfwd.conf', [
+                ("'rules/trapfwd.rules'", repr(os.path.join(EXAMPLES, 'rules', 'trapfwd.rules'))),
+                ("'0.0.0.0:1162'", "'127.0.0.1:%d'" % port),
+                ("'127.0.0.1:1163'", "'127.0.0.1:%d'" % nms1.port),
+                ("'127.0.0.1:1164'", "'127.0.0.1:%d'" % nms2.port),
+                ('/tmp/looper-trapfwd.log', os.path.join(tmp, 'archive'))])
+            looper = Looper(conf)
+            looper.wait_log(r'listening on 127\.0\.0\.1:%d' % port)
+            target = '127.0.0.1:%d' % port
+            p = net_snmp(tmp, 'snmptrap', '-v', '1', '-c', 'public', target, '.1.3.6.1.4.1.8072',
+                         '192.0.2.7', '2', '0', '4242', IF_INDEX_2, 'i', '2', IF_DESCR_2, 's', 'uplink')
+            assert p.returncode == 0, p.stderr
+            p = net_snmp(tmp, 'snmpinform', '-v', '2c', '-c', 'public', '-t', '3', target, '4243',
+                         '.1.3.6.1.4.1.8072.4.0.1', '.1.3.6.1.4.1.8072.1', 'u', '7')
+            assert p.returncode == 0, p.stderr            # snmptrap_in answered it
+            p = net_snmp(tmp, 'snmptrap', '-v', '2c', '-c', 'public', target, '4244',
+                         '.1.3.6.1.6.3.1.1.5.1')
+            assert p.returncode == 0, p.stderr
+            raw = nms1.wait(3)
+            cooked = nms2.wait(3)
+            wait_until(lambda: read(os.path.join(tmp, 'archive')).count('\n') == 3)
+        finally:
+            try:
+                if looper:
+                    stop(looper)
+            finally:
+                nms1.stop()
+                nms2.stop()
+        gateway = ('.1.3.6.1.4.1.8072.9999.9999.1.0', 'STRING: "looper trapfwd"')
+        severity, name = '.1.3.6.1.4.1.8072.9999.9999.2.0', '.1.3.6.1.4.1.8072.9999.9999.3.0'
+        # nms1: as they came; the v1 trap is still v1 with its agent's address.
+        link, start, cold = raw
+        assert (link['pdu'], link['agentaddr'], link['enterprise'], link['generic'], link['specific'],
+                link['uptime']) == ('TRAP, SNMP v1, community public', '192.0.2.7', '.1.3.6.1.4.1.8072',
+                                    '2', '0', '4242')
+        assert list(link['varbinds'].items()) == [(IF_INDEX_2, 'INTEGER: 2'), (IF_DESCR_2, 'STRING: "uplink"'),
+                                                  gateway]
+        assert start['pdu'] == 'TRAP2, SNMP v2c, community public'      # the inform, as a trap
+        assert list(start['varbinds'].items()) == [
+            (SYS_UPTIME, 'Timeticks: (4243) 0:00:42.43'), (TRAP_OID, 'OID: .1.3.6.1.4.1.8072.4.0.1'),
+            ('.1.3.6.1.4.1.8072.1', 'Gauge32: 7')]
+        assert list(cold['varbinds'].items()) == [
+            (SYS_UPTIME, 'Timeticks: (4244) 0:00:42.44'), (TRAP_OID, 'OID: .1.3.6.1.6.3.1.1.5.1')]
+        # nms2: informs rebuilt from the tokens, rewritten by the rules.
+        link, start, cold = cooked
+        for record in cooked:
+            assert record['pdu'] == 'INFORM, SNMP v2c, community public'
+        assert list(link['varbinds'].items()) == [
+            (SYS_UPTIME, 'Timeticks: (4242) 0:00:42.42'), (TRAP_OID, 'OID: ' + LINK_DOWN),
+            (IF_INDEX_2, 'INTEGER: 2'), (IF_DESCR_2, 'STRING: "uplink"'), gateway,
+            (severity, 'STRING: "major"'), (name, 'STRING: "core-switch-1"'),
+            (TRAP_ADDRESS, 'IpAddress: 192.0.2.7'), (TRAP_ENTERPRISE, 'OID: .1.3.6.1.4.1.8072')]
+        assert list(start['varbinds'].items()) == [
+            (SYS_UPTIME, 'Timeticks: (4243) 0:00:42.43'), (TRAP_OID, 'OID: .1.3.6.1.4.1.8072.4.0.1'),
+            ('.1.3.6.1.4.1.8072.1', 'Gauge32: 7')]
+        assert list(cold['varbinds'].items()) == [
+            (SYS_UPTIME, 'Timeticks: (4244) 0:00:42.44'), (TRAP_OID, 'OID: .1.3.6.1.6.3.1.1.5.1'),
+            (severity, 'STRING: "minor"')]
+
+    def test_throughput_snmptrap_in_to_looper_to_snmptrap_out(self, tmp):
+        """A rough traps/second figure: v2c traps sent to snmptrap_in,
+        routed by Looper (no rules), sent on by snmptrap_out (confirm = yes)
+        to a UDP socket that counts them; at most WINDOW in the pipeline."""
+        count, window = (3000, 200)
+        sink = FakeManager(answer=None)
+        port = free_udp_port()
+        conf = config(tmp, "input traps {\n module = snmptrap_in\n listen = 127.0.0.1:%d\n}\n"
+                           "output nms {\n module = snmptrap_out\n managementstation = 127.0.0.1:%d\n"
+                           " confirm = %s\n}\n" % (port, sink.port, os.environ.get("SNMP_CONFIRM", "yes")))
+        datagrams = [v2_trap(requestid=i, varbinds=[(IF_INDEX_2, codec().INTEGER, codec().int_body(i)),
+                                                    (IF_DESCR_2, codec().OCTET_STRING, b'eth%d went down' % i)])
+                     for i in range(count)]
+        looper = Looper(conf)
+        try:
+            looper.wait_log(r'listening on 127\.0\.0\.1:%d' % port)
+            sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            start = time.monotonic()
+            sent = 0
+            deadline = start + 60
+            while len(sink.datagrams) < count and time.monotonic() < deadline:
+                while sent < count and sent - len(sink.datagrams) < window:
+                    sender.sendto(datagrams[sent], ('127.0.0.1', port))
+                    sent += 1
+                time.sleep(0.001)
+            took = time.monotonic() - start
+            sender.close()
+        finally:
+            stop(looper)
+            sink.stop()
+        assert len(sink.datagrams) == count, (len(sink.datagrams), looper.log()[-2000:])
+        got = [decoded(d)['values'][2][1] for d in sink.datagrams]
+        assert got == [str(i) for i in range(count)]
+        print('throughput: %d traps through snmptrap_in -> looper.py -> snmptrap_out in %.2f s: '
+              '%.0f traps/s (%s)' % (count, took, count / took, PY))
