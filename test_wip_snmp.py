@@ -567,6 +567,7 @@ class TestSnmpCodec(object):
                 outcomes['decoded'] += 1
             except c.BerError:
                 outcomes['refused'] += 1
+        print('fuzz of the decoder: %s' % outcomes)
         assert outcomes['decoded'] > 300 and outcomes['refused'] > 10000, outcomes
 
 
@@ -1357,3 +1358,39 @@ class TestSnmpInLooper(object):
         assert got == [str(i) for i in range(count)]
         print('throughput: %d traps through snmptrap_in -> looper.py -> snmptrap_out in %.2f s: '
               '%.0f traps/s (%s)' % (count, took, count / took, PY))
+
+
+class TestSnmpFuzzOut(object):
+
+    def test_fuzz_the_trap_builder_only_rejects(self):
+        """20,000 events of random tokens and values (typed, untyped, broken)
+        through snmptrap_out's Builder, for v1, v2c and raw mode: a datagram
+        that decodes again, or Reject, nothing else."""
+        out = load(SNMPTRAP_OUT)
+        c = codec()
+        rng = random.Random(5)
+        raws = [base64.b64encode(d).decode() for d in (v1_trap(), v2_trap(), v2_trap(pdu=c.INFORM))]
+        raws += [base64.b64encode(d).decode() for d in mutants([base64.b64decode(r) for r in raws], 30)]
+        names = ['trapoid', 'uptime', 'generic-trap', 'generictrap', 'specific-trap', 'enterprise',
+                 'agentaddr', 'varbinds', 'rawtrap', 'enhancetrap', 'version', IF_INDEX_2, TRAP_ADDRESS,
+                 SYS_UPTIME, TRAP_OID, '.1.3.x', '7', '2.1', '.5.5']
+        values = ['', '0', '6', '7', '-1', '99999999999', LINK_DOWN, '.1.3', '.1', 'x:zz', 'x:0a', 'i:5',
+                  'i:x', 'a:1.2.3.4', 'a:1.2', 'C:5', 'o:.1.3.6', 'o:x', 'u:-1', 't:5', 'n:', 'd:300', 'd:1.2',
+                  's:%s', '192.0.2.7', '::1', IF_INDEX_2 + '=i:2 | ' + IF_DESCR_2 + '=x', 'a | b=c', '=',
+                  '\udcff', 'not base64!'] + raws
+        builders = [out.Builder({'version': '1'}), out.Builder({}), out.Builder({'inform': 'yes'}),
+                    out.Builder({'rawmode': 'yes'}), out.Builder({'varbindoids': PLAYPEN}),
+                    out.Builder({'rawmode': 'yes', 'inform': 'yes', 'community': 'x'})]
+        outcomes = {'built': 0, 'rejected': 0}
+        for _ in range(20000):
+            event = [(rng.choice(names), rng.choice(values)) for _ in range(rng.randrange(0, 8))]
+            if rng.random() < 0.5:      # a good start, so that many become traps
+                event[:0] = [('trapoid', LINK_DOWN), ('rawtrap', rng.choice(raws[:3]))]
+            try:
+                datagram, requestid = rng.choice(builders).build(event)
+                c.decode_message(datagram)
+                outcomes['built'] += 1
+            except out.Reject:
+                outcomes['rejected'] += 1
+        print('fuzz of the trap builder: %s' % outcomes)
+        assert outcomes['built'] > 2000 and outcomes['rejected'] > 2000, outcomes
