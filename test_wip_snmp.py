@@ -1394,3 +1394,81 @@ class TestSnmpFuzzOut(object):
                 outcomes['rejected'] += 1
         print('fuzz of the trap builder: %s' % outcomes)
         assert outcomes['built'] > 2000 and outcomes['rejected'] > 2000, outcomes
+
+
+def looper_knows(word):
+    """Whether this looper.py has a protocol feature yet (the lead adds
+    `reject`, `confirmwindow` and declarations on main)."""
+    return word in read(os.path.join(HERE, 'looper.py'))
+
+
+class TestSnmpOutInLooper(object):
+
+    @pytest.mark.skipif(not looper_knows('reject'), reason="this looper.py does not know `reject` yet")
+    def test_events_that_are_no_traps_are_rejected_counted_and_the_rest_delivered(self, tmp):
+        sink = FakeManager(answer=None)
+        feed = os.path.join(tmp, 'feed')
+        write(feed, 'trapoid=%s\n%s=i:1\ngo\nnode=gw1\ndesc=no trap here\ngo\ntrapoid=%s\n%s=i:3\ngo\n'
+              % (LINK_DOWN, IF_INDEX_2, LINK_DOWN, IF_INDEX_2))
+        conf = config(tmp, "input i {\n module = %s\n}\n"
+                           "output nms {\n module = snmptrap_out\n managementstation = 127.0.0.1:%d\n"
+                           " confirm = yes\n}\n" % (
+                               write(os.path.join(tmp, 'feeder'), '#!/bin/sh\ncat %s\n' % feed, 0o755),
+                               sink.port))
+        looper = Looper(conf)
+        try:
+            assert looper.wait() == 0, looper.log()
+            wait_until(lambda: len(sink.datagrams) == 2)
+        finally:
+            looper.stop()
+            sink.stop()
+        assert [decoded(d)['values'][2] for d in sink.datagrams] == [(IF_INDEX_2, '1'), (IF_INDEX_2, '3')]
+        assert 'the event has no trapoid' in looper.log()
+        assert counters(looper.log())['output.nms.rejected'] == 1, looper.log()
+
+
+class TestSnmptrapdIn(object):
+    """The second example: net-snmp's snmptrapd receives, snmptrapd_in
+    makes the same tokens as snmptrap_in (all but rawtrap)."""
+
+    def test_the_same_traps_make_the_same_tokens_as_snmptrap_in(self, tmp):
+        need('snmptrapd')
+        port = free_udp_port()
+        trapd = subprocess.Popen([PY, SNMPTRAPD_IN], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, env=net_snmp_env(tmp))
+        trapd.stdin.write(('listen=udp:127.0.0.1:%d\ncommunity=public private\n' % port).encode())
+        trapd.stdin.close()
+        trap_in = TrapIn(tmp, community='public private')
+        try:
+            banner = trapd.stderr.readline().decode()
+            while 'NET-SNMP version' not in banner:
+                assert banner, 'snmptrapd_in ended before snmptrapd started'
+                banner = trapd.stderr.readline().decode()
+            assert banner.startswith('<6>snmptrapd_in: snmptrapd: NET-SNMP version'), banner
+            sends = [['-v', '1', '-c', 'public', '.1.3.6.1.4.1.8072', '192.0.2.7', '6', '17', '4242']
+                     + V1_VARBINDS,
+                     ['-v', '2c', '-c', 'private', '4243', LINK_DOWN, IF_INDEX_2, 'i', '2', IF_DESCR_2, 's',
+                      'he said "hi" \\ ok', PLAYPEN + '.1', 's', 'd\u00e9j\u00e0 vu', PLAYPEN + '.2', 'x',
+                      'c328', PLAYPEN + '.3', 'C', '5', TRAP_ADDRESS, 'a', '192.0.2.99'],
+                     ['-v', '1', '-c', 'public', '.1.3.6.1.4.1.9', '192.0.2.1', '0', '0', '4244']]
+            for target in ('127.0.0.1:%d' % port, '127.0.0.1:%d' % trap_in.ports()[0]):
+                for args in sends:
+                    p = net_snmp(tmp, 'snmptrap', *(args[:4] + [target] + args[4:]))
+                    assert p.returncode == 0, p.stderr
+            expected = [dict((k, v) for k, v in e.items() if k != 'rawtrap') for e in trap_in.wait_events(3)]
+            got = []
+            for _ in range(3):
+                event = {}
+                for line in iter(trapd.stdout.readline, b'go\n'):
+                    assert line, 'snmptrapd_in ended early'
+                    key, _, value = line.decode().rstrip('\n').partition('=')
+                    event[key] = value
+                got.append(event)
+        finally:
+            trap_in.stop()
+            trapd.terminate()
+            assert trapd.wait(DEADLINE) == -signal.SIGTERM
+        for mine, theirs in zip(expected, got):
+            assert list(theirs.items()) == list(mine.items())
+        assert got[1]['agentaddr'] == '192.0.2.99' and got[1][PLAYPEN + '.1'] == 'd\u00e9j\u00e0 vu'
+        assert got[2]['trapname'] == 'coldStart'
