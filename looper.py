@@ -2027,8 +2027,7 @@ class _Module(object):
             self._set('fatal')
             said = '; it said: %s' % ' | '.join(self.stderr.last) if self.stderr.last else ''
             _log.error('%s: %s: a configuration error (exit status %d); not restarting it%s; '
-                       'fix the block and reload (SIGHUP)', self.block.where('module'), what,
-                       code, said)
+                       'fix the block and reload (SIGHUP)', self.block.where(), what, code, said)
             self.router.module_done(self)
         elif decision == 'done':
             self._set('exited')
@@ -2380,7 +2379,7 @@ class _Output(object):
         stopping = self.module.state == 'stopping'
         decision = 'restart'
         if code == EX_CONFIG and not stopping:
-            self.close('its configuration is wrong (%s)' % self.block.where('module'))
+            self.close('its configuration is wrong (%s)' % self.block.where())
             decision = 'fatal'
         elif self.closed or (stopping and not ledger.events):
             if code != 0:
@@ -2872,7 +2871,7 @@ class _Router(object):
         """A module will not run again (exited, fatal, retired)."""
         owner = module.owner
         if module.state == 'fatal':
-            self.fatal.append(module.block.where('module'))
+            self.fatal.append(module.block.where())
         if owner is self.input:
             if owner.finished and not self.stopping:
                 self.stop('the input finished')

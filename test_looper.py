@@ -2867,6 +2867,220 @@ class TestReliability(object):
 
 
 ##############################################################################
+# Operator: truthful exit status, checks that catch typos, a good Unix citizen
+# (issue 11)
+##############################################################################
+
+# A module with a declaration, as the shipped ones have.
+DECLARED_OUT = '''# /// looper
+# kind = 'output'
+# keys = 'filename format'
+# confirm = 'yes'
+# ///
+'''
+
+
+class TestOperator(object):
+
+    def test_an_output_that_cannot_write_makes_the_run_fail(self, tmp):
+        """Issue 11.1: an output whose file cannot be opened, or is full:
+        Looper said delivered=50 lost=0 and exited 0."""
+        py_module(tmp, 'src', COUNTER_IN)
+        # A module without confirm that cannot deliver: it says so and exits 1.
+        py_module(tmp, 'failing', "import sys\nfor line in sys.stdin:\n    pass\n"
+                                  "sys.stderr.write('50 events could not be written\\n')\n"
+                                  "sys.exit(1)\n")
+        conf = config(tmp, "inputmodulepath = .\noutputmodulepath = .\n"
+                           "input i { module = src\n count = 50 }\noutput o { module = failing }\n")
+        p = run([conf])
+        assert p.returncode == 1, p.stderr
+        c = counters(p.stderr)
+        assert c['output.o.unconfirmed'] == 50 and c['output.o.written'] == 0, p.stderr
+        assert re.search(r"output 'o' \(pid \d+\) exited with status 1 after [\d.]+ s; 50 event\(s\) "
+                         r"written to it since it started are unconfirmed", p.stderr), p.stderr
+        assert 'not every event was delivered: 50 unconfirmed' in p.stderr
+
+    def test_rules_errors_fail_a_batch_run_and_are_throttled_per_error(self, tmp):
+        """Issue 11.1: an ImportError on every event gave exit 0; a second,
+        different error was hidden for 10 s, even in --test."""
+        rules = ("if inputTokens['k'] == 'a':\n    import no_such_module_here\n"
+                 "if inputTokens['k'] == 'b':\n    1 / 0\nwriteTo('o')\n")
+        conf = norules_conf(tmp, rules, outputs=('o',))
+        got, p = run_test_mode(conf, 'k=a\ngo\n' * 5 + 'k=b\ngo\n' * 5 + 'k=c\ngo\n')
+        err = p.stderr.decode()
+        assert [d['tokens']['k'] for d in got] == ['c'] and p.returncode == 1
+        assert len(re.findall(r'r\.rules:2: (ModuleNotFoundError|ImportError)', err)) == 1, err
+        assert len(re.findall(r'r\.rules:4: ZeroDivisionError', err)) == 1, err
+        py_module(tmp, 'src', "import sys\nsys.stdin.read()\nsys.stdout.write('k=a\\ngo\\n' * 50)\n")
+        py_module(tmp, 'rec', RECORDER)
+        write(conf, read(conf).replace('input i { module = x }', 'input i { module = src }')
+              .replace('output o { module = x }', 'output o { module = rec }'))
+        p = run([conf])
+        assert p.returncode == 1, p.stderr
+        assert 'not every event was delivered: 50 skipped by rules errors' in p.stderr
+
+    @pytest.mark.parametrize('key, suggestion', [('filname', 'filename'), ('confrim', 'confirm'),
+                                                 ('queusize', 'queuesize')])
+    def test_check_catches_typos_in_a_declared_module_s_keys(self, tmp, key, suggestion):
+        """Issue 11.2: typos passed --check and became a restart loop, or
+        silently unconfirmed delivery."""
+        py_module(tmp, 'x', DECLARED_OUT + 'import sys\nsys.stdin.read()\n')
+        conf = config(tmp, "inputmodulepath = .\noutputmodulepath = .\n"
+                           "input i { module = x }\noutput o {\n module = x\n %s = 1\n}\n" % key)
+        write(os.path.join(tmp, 'in'), "#!/bin/sh\n# /// looper\n# kind = 'input'\n# ///\n"
+                                       "cat >/dev/null\n", 0o755)
+        write(conf, read(conf).replace('input i { module = x }', 'input i { module = in }'))
+        for args in (['--check', conf], [conf]):
+            p = run(args)
+            assert p.returncode == 78, p.stderr
+            assert "%s:6: unknown key '%s' for module x; did you mean '%s'?" % (
+                conf, key, suggestion) in p.stderr, p.stderr
+
+    def test_check_knows_what_the_shipped_modules_declare(self, tmp):
+        conf = config(tmp, "input i {\n module = syslog_in\n logfil = x.log\n}\n"
+                           "output o {\n module = logfile_out\n filname = x.out\n}\n")
+        p = run(['--check', conf])
+        assert p.returncode == 78
+        assert "t.conf:3: unknown key 'logfil' for module syslog_in; did you mean 'logfile'?" \
+            in p.stderr, p.stderr
+        assert "t.conf:6: unknown key 'filname' for module logfile_out; did you mean 'filename'?" \
+            in p.stderr, p.stderr
+
+    def test_a_module_s_configuration_error_is_not_restarted_and_ends_the_run_with_78(self, tmp):
+        """Issue 11.2: exit status 78 from a module: logged with the block's
+        FILE:LINE, not restarted; a batch run ends with 78."""
+        py_module(tmp, 'src', COUNTER_IN)
+        py_module(tmp, 'picky', "import sys\nsys.stdin.readline()\n"
+                                "sys.stderr.write('<3>picky: no filename configured\\n')\n"
+                                "sys.exit(78)\n")
+        conf = config(tmp, "inputmodulepath = .\noutputmodulepath = .\n"
+                           "input i { module = src\n count = 5 }\n"
+                           "output o {\n module = picky\n restartdelay = 0.01\n}\n")
+        p = run([conf])
+        assert p.returncode == 78, p.stderr
+        assert re.search(r"ERROR %s:5: output 'o' \(pid \d+\) exited with status 78 after [\d.]+ s: "
+                         r"a configuration error \(exit status 78\); not restarting it; it said: "
+                         r"picky: no filename configured" % re.escape(conf), p.stderr), p.stderr
+        assert p.stderr.count('exited with status 78') == 1
+        c = counters(p.stderr)
+        assert c['output.o.restarts'] == 0 and c['output.o.lost'] == 5
+
+    def test_check_reads_the_rules_for_unknown_outputs_and_missing_imports(self, tmp):
+        conf = norules_conf(tmp, "import os\nimport no_such_module_here\n"
+                                 "if inputTokens.get('x'):\n    writeTo('ouput')\nwriteTo('a')\n")
+        p = run(['--check', conf])
+        assert p.returncode == 78
+        assert "r.rules:2: cannot import 'no_such_module_here'" in p.stderr, p.stderr
+        assert "r.rules:4: writeTo('ouput'): no output named 'ouput'; outputs are: a" in p.stderr
+
+    def test_small_mistakes_are_named(self, tmp):
+        """Issue 11.2: a BOM, a module with arguments, a #! naming a missing
+        interpreter or ending in CR, the original's spellings."""
+        sh_module(tmp, 'x', 'cat >/dev/null\n')
+        write(os.path.join(tmp, 'dos'), '#!/bin/sh\r\ncat >/dev/null\r\n', 0o755)
+        write(os.path.join(tmp, 'nointerp'), '#!/usr/bin/no-such-shell\n', 0o755)
+        write(os.path.join(tmp, 'envinterp'), '#!/usr/bin/env no-such-thing-here\n', 0o755)
+        conf = config(tmp, '\ufeffinputmodulepath = .\noutputmodulepath = .\n'
+                           'logifile = looper.log\ndebugmode = 3\n'
+                           'input i { module = x }\noutput o { module = x }\n')
+        p = run(['--check', conf])
+        assert p.returncode == 0, p.stderr
+        for block, message in (
+                ("output o { module = 'syslog_in --follow' }",
+                 "a module takes no arguments; give its settings as keys in the block"),
+                ('output o { module = dos }', 'its #! line ends in a carriage return'),
+                ('output o { module = nointerp }',
+                 "its #! interpreter '/usr/bin/no-such-shell' is not an executable file"),
+                ('output o { module = envinterp }',
+                 "its #! line runs 'no-such-thing-here' through env, and no 'no-such-thing-here' "
+                 "is on PATH")):
+            write(conf, 'inputmodulepath = .\noutputmodulepath = .\ninput i { module = x }\n'
+                  + block + '\n')
+            p = run(['--check', conf])
+            assert p.returncode == 78 and ('t.conf:4: ' in p.stderr and message in p.stderr), \
+                (block, p.stderr)
+        # Messages come sorted by line; a module path is shown resolved.
+        write(conf, "zzz = 1\ninput i { module = nosuch }\noutput o { }\naaa = 2\n")
+        lines = run(['--check', conf], cwd=tmp).stderr.splitlines()
+        assert [int(l.split(':')[1]) for l in lines] == sorted(int(l.split(':')[1]) for l in lines)
+        assert os.path.join(MODULES, 'nosuch') in '\n'.join(lines)
+
+    def test_test_mode_into_head_is_quiet_and_says_what_raw_syslog_is(self, tmp):
+        """Issue 11.3: `--test ... | head` printed a BrokenPipeError
+        traceback; raw syslog fed to --test got no explanation."""
+        conf = norules_conf(tmp, outputs=('o',))
+        p = subprocess.run('yes "k=v\ngo" | head -c 3000000 | %s %s --test %s | head -1'
+                           % (PY, LOOPER, conf), shell=True, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, timeout=DEADLINE)
+        assert p.stdout.decode().count('\n') == 1
+        assert b'Traceback' not in p.stderr and b'BrokenPipe' not in p.stderr, p.stderr
+        got, p = run_test_mode(conf, read(os.path.join(EXAMPLES, 'sample.log')))
+        assert got == [] and p.returncode == 1
+        assert 'stdin holds no events in the module protocol' in p.stderr.decode()
+        assert "pipe it through syslog_in first" in p.stderr.decode()
+
+    def test_module_stderr_levels_and_looper_s_own_routine_lines(self, tmp):
+        """Issue 11.3: everything from a module was a WARNING; the SIGUSR1
+        counters line was a WARNING."""
+        py_module(tmp, 'src', "import sys, time\nsys.stdin.read()\n"
+                              "sys.stderr.write('<6>src: listening\\n<4>src: odd line\\n"
+                              "<3>src: broken\\n<7>src: details\\nplain text\\n')\n"
+                              "sys.stderr.flush()\ntime.sleep(0.3)\n")
+        py_module(tmp, 'rec', RECORDER)
+        conf = config(tmp, "inputmodulepath = .\noutputmodulepath = .\n"
+                           "input i { module = src }\noutput o { module = rec }\n")
+        p = run([conf])
+        assert p.returncode == 0
+        for level, text in (('INFO', 'src: listening'), ('WARNING', 'src: odd line'),
+                            ('ERROR', 'src: broken'), ('WARNING', 'plain text')):
+            assert re.search(r"%s input 'i' pid \d+: %s$" % (level, text), p.stderr, re.M), p.stderr
+        assert 'details' not in p.stderr
+        assert 'details' in run(['-v', conf]).stderr
+        looper = Looper(conf.replace('t.conf', 't.conf'))
+        looper.wait_log('starting')
+        looper.signal(signal.SIGUSR1)
+        looper.wait()
+        assert re.search(r'INFO counters: events_in=', looper.log()), looper.log()
+
+    def test_progress_on_a_terminal_and_nothing_of_it_elsewhere(self, tmp):
+        """Issue 11.3: a large replay was silent for minutes."""
+        import pty
+        py_module(tmp, 'src', "import sys, time, os\nsys.stdin.read()\n"
+                              "for i in range(40):\n"
+                              "    sys.stdout.write('n=%d\\ngo\\n' % i); sys.stdout.flush()\n"
+                              "    if os.environ.get('LOOPER_PROGRESS'):\n"
+                              "        sys.stderr.write('progress %d 40\\n' % (i + 1))\n"
+                              "        sys.stderr.flush()\n"
+                              "    time.sleep(0.05)\n")
+        py_module(tmp, 'rec', RECORDER)
+        conf = config(tmp, "inputmodulepath = .\noutputmodulepath = .\n"
+                           "input i { module = src }\noutput o { module = rec }\n")
+        master, slave = pty.openpty()
+        proc = subprocess.Popen([PY, LOOPER, conf], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=slave)
+        os.close(slave)
+        screen = b''
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:             # EIO: the other end is closed
+                break
+            if not data:
+                break
+            screen += data
+        assert proc.wait(DEADLINE) == 0
+        os.close(master)
+        text = screen.decode('utf-8', 'replace')
+        assert re.search(r'\r\d+ events read, \d+ deliveries, \d+/s, \d+% of the input\x1b\[K', text), text
+        assert text.rstrip('\r\n').endswith('\n' + text.rstrip('\r\n').split('\n')[-1])
+        assert '\r\x1b[K' in text               # cleared at the end
+        p = run([conf])                         # stderr a pipe: no progress line
+        assert '\r' not in p.stderr and 'events read' not in p.stderr
+        p = run(['-q', conf])
+        assert p.stderr == ''
+
+
+##############################################################################
 # Shipped modules inside Looper
 ##############################################################################
 
