@@ -3081,6 +3081,157 @@ class TestOperator(object):
 
 
 ##############################################################################
+# Deployment: systemd, logrotate, and the two rsyslog recipes of the README
+##############################################################################
+
+class Rsyslogd(object):
+    """A real rsyslogd in the foreground (-n), its configuration, pid file
+    and work directory in a temp dir; no imuxsock/imklog (so it needs no
+    privilege and reads nothing of the host's), an imudp listener on
+    127.0.0.1 and the given actions.  stop() is SIGTERM then a bounded wait."""
+
+    def __init__(self, directory, body, name='rsyslog'):
+        self.rsyslogd = need('rsyslogd')
+        self.port = free_udp_port()
+        self.conf = os.path.join(directory, name + '.conf')
+        write(self.conf, 'global(workDirectory="%s")\nmodule(load="imudp")\n'
+                         'input(type="imudp" address="127.0.0.1" port="%d")\n%s'
+              % (directory, self.port, body))
+        self.pidfile = os.path.join(directory, name + '.pid')
+        self.proc = subprocess.Popen([self.rsyslogd, '-n', '-f', self.conf, '-i', self.pidfile],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def send(self, *messages):
+        """logger over UDP, RFC 3164, tag myapp."""
+        for text in messages:
+            subprocess.run([need('logger'), '-n', '127.0.0.1', '-P', str(self.port), '-d',
+                            '--rfc3164', '-t', 'myapp', text], check=True, timeout=DEADLINE)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(DEADLINE)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(DEADLINE)
+        return self.proc.stderr.read().decode('utf-8', 'replace')
+
+
+def json_tokens(path):
+    text = read(path)
+    return [json.loads(line)['tokens'] for line in text[:text.rfind('\n') + 1].splitlines()]
+
+
+class TestDeployment(object):
+
+    def test_the_systemd_unit_verifies(self, tmp):
+        """examples/looper.service passes `systemd-analyze verify` with no
+        warning (it exits 0 on warnings, so its output is the test)."""
+        analyze = need('systemd-analyze')
+        unit = os.path.join(tmp, 'looper.service')
+        shutil.copy(os.path.join(EXAMPLES, 'looper.service'), unit)
+        p = subprocess.run([analyze, 'verify', unit], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, timeout=60, universal_newlines=True)
+        mine = [line for line in p.stdout.splitlines() if 'looper.service' in line]
+        assert p.returncode == 0 and mine == [], p.stdout
+        text = read(unit)
+        for line in ('KillMode=mixed', 'ExecReload=/bin/kill -HUP $MAINPID',
+                     'RestartPreventExitStatus=78', 'Type=exec'):
+            assert line in text.splitlines(), line
+
+    def test_logrotate_rotates_looper_s_log_and_looper_reopens_it(self, tmp):
+        """The logrotate snippet, run by a real logrotate on a running
+        Looper: the old log is rotated away and Looper writes a new one."""
+        logrotate = need('logrotate')
+        conf = TestOperations().setup_conf(tmp, "writeTo('a')\n", outputs=('a',))
+        logfile = os.path.join(tmp, 'looper.log')
+        looper = Looper(conf)
+        wait_until(lambda: 'starting' in read(logfile))
+        snippet = read(os.path.join(EXAMPLES, 'looper.logrotate'))
+        snippet = snippet.replace('/var/log/looper/looper.log', logfile)
+        snippet = re.sub(r'systemctl reload .*', 'kill -HUP %d' % looper.proc.pid, snippet)
+        rotate_conf = write(os.path.join(tmp, 'logrotate.conf'), snippet)
+        p = subprocess.run([logrotate, '-f', '-s', os.path.join(tmp, 'logrotate.state'),
+                            rotate_conf], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           timeout=60, universal_newlines=True)
+        assert p.returncode == 0, p.stdout
+        assert os.path.exists(logfile + '.1'), os.listdir(tmp)
+        wait_until(lambda: 'reloaded:' in read(logfile), what='a new log after the rotation')
+        feed(tmp, 'END')
+        assert looper.wait() == 0
+        assert 'finished:' in read(logfile) and 'starting' in read(logfile + '.1')
+
+    def test_rsyslog_omprog_runs_looper_on_its_stdin(self, tmp):
+        """Recipe 1: rsyslog's omprog starts Looper (examples/omprog.conf's
+        shape) and writes each message on its stdin; stopping rsyslog ends
+        Looper cleanly."""
+        out = os.path.join(tmp, 'alerts.json')
+        write(os.path.join(tmp, 'r.rules'), "if inputTokens.get('program') == 'myapp':\n"
+                                            "    writeTo('alerts')\n")
+        conf = config(tmp, "rulesfile = 'r.rules'\nlogfile = 'looper.log'\n"
+                           "input rsyslog { module = syslog_in\n logfile = '-' }\n"
+                           "output alerts { module = logfile_out\n filename = '%s'\n"
+                           " format = json }\n" % out)
+        daemon = Rsyslogd(tmp, 'module(load="omprog")\n'
+                               'action(type="omprog" binary="%s %s %s" template="RSYSLOG_FileFormat")\n'
+                               % (PY, LOOPER, conf))
+        try:
+            def sent():
+                daemon.send('Failed password for root from 10.0.0.9 port 22 ssh2')
+                return len(json_tokens(out)) >= 1
+            wait_until(sent, what='the message through rsyslog and Looper; log:\n' +
+                       read(os.path.join(tmp, 'looper.log')))
+        finally:
+            err = daemon.stop()
+        wait_until(lambda: 'finished:' in read(os.path.join(tmp, 'looper.log')),
+                   what='Looper to finish when rsyslog closes its stdin')
+        e = json_tokens(out)[0]
+        assert e['program'] == 'myapp' and e['message'].startswith('Failed password for root'), e
+        log = read(os.path.join(tmp, 'looper.log'))
+        assert 'WARNING' not in log and 'ERROR' not in log, log
+
+    def test_rsyslog_omfile_and_syslog_in_following_with_a_state_file(self, tmp):
+        """Recipe 2: rsyslog writes a file (omfile); syslog_in follows it
+        with a statefile; a restart of Looper neither repeats nor skips."""
+        messages = os.path.join(tmp, 'messages')
+        out = os.path.join(tmp, 'alerts.json')
+        daemon = Rsyslogd(tmp, 'action(type="omfile" file="%s" template="RSYSLOG_FileFormat")\n'
+                               % messages)
+        conf = config(tmp, "input i {\n module = syslog_in\n logfile = '%s'\n follow = yes\n"
+                           " sleeptime = 0.1\n statefile = 'messages.state'\n}\n"
+                           "output alerts { module = logfile_out\n filename = '%s'\n"
+                           " format = json }\n" % (messages, out))
+        try:
+            looper = Looper(conf)
+
+            def arrived(text, count):
+                daemon.send(text)
+                return sum(1 for e in json_tokens(out) if e.get('message') == text) >= 1 and \
+                    len(json_tokens(out)) >= count
+            wait_until(lambda: arrived('first', 1), what='the first message')
+            looper.signal(signal.SIGTERM)
+            assert looper.wait() == 0, looper.log()
+            daemon.send('while Looper was down')
+            wait_until(lambda: 'while Looper was down' in read(messages))
+            looper = Looper(conf)
+            wait_until(lambda: arrived('second', 3), what='the messages after a restart')
+        finally:
+            daemon.stop()
+
+        def texts():
+            return [e['message'] for e in json_tokens(out) if e.get('program') == 'myapp']
+        # Every line of the file read once (the test resends until a message
+        # arrives, so 'first' and 'second' may be there several times).
+        lines = [l for l in read(messages).splitlines() if 'myapp' in l]
+        wait_until(lambda: len(texts()) >= len(lines), what='Looper to read the whole file')
+        looper.signal(signal.SIGTERM)
+        assert looper.wait() == 0, looper.log()
+        assert len(texts()) == len(lines), (texts(), lines)
+        assert texts().count('while Looper was down') == 1
+
+
+##############################################################################
 # Shipped modules inside Looper
 ##############################################################################
 
