@@ -1031,3 +1031,37 @@ class TestGatewayExamples(object):
                                 os.path.join(EXAMPLES, name)], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, universal_newlines=True, timeout=DEADLINE)
             assert p.returncode == 0, (name, p.stderr)
+
+    @staticmethod
+    def deliveries(name, events):
+        p = subprocess.run([PY, os.path.join(HERE, 'looper.py'), '--test',
+                            os.path.join(EXAMPLES, name)], input=events, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, universal_newlines=True, timeout=DEADLINE)
+        assert p.returncode == 0, p.stderr
+        return [json.loads(line) for line in p.stdout.splitlines()]
+
+    def test_edge_rules_forward_what_the_centre_must_see(self):
+        got = self.deliveries('edge.conf', protocol([('node', 'gw1'), ('severity', 'warning'),
+                                                     ('desc', 'link down')]) +
+                              protocol([('node', 'gw1'), ('severity', 'info'), ('desc', 'ok')]) +
+                              protocol([('node', 'db1'), ('desc', 'sshd[7]: Failed password for '
+                                                                  'root from 10.0.0.9')]))
+        assert [(d['output'], d['tokens'].get('desc'), d['tokens'].get('site')) for d in got] == [
+            ('local', 'link down', None), ('central', 'link down', 'site1'),
+            ('local', 'ok', None),
+            ('local', 'sshd[7]: Failed password for root from 10.0.0.9', None),
+            ('central', 'sshd[7]: Failed password for root from 10.0.0.9', 'site1')]
+
+    def test_central_rules_archive_everything_and_alert_once(self):
+        failed = protocol([('site', 'site1'), ('node', 'db1'), ('message', 'Failed password for '
+                                                                          'root'),
+                           ('desc', 'sshd[7]: Failed password for root')])
+        got = self.deliveries('central.conf', failed * 3 + protocol([('site', 'site2'),
+                                                                     ('node', 'r1'),
+                                                                     ('severity', 'crit'),
+                                                                     ('desc', 'fan failed')]))
+        assert [d['output'] for d in got] == ['archive', 'alerts', 'archive', 'archive',
+                                              'archive', 'alerts']
+        assert got[1]['tokens'] == {'alert': 'failed-login', 'site': 'site1', 'node': 'db1',
+                                    'text': 'Failed password for root'}
+        assert got[5]['tokens']['alert'] == 'critical'
