@@ -856,7 +856,9 @@ class TestSocketOut(object):
         central.proc.send_signal(signal.SIGTERM)
         central.wait_exit()
         assert central.events() == [{'n': '1'}]
-        assert stopped_counts(central.log())['refused_tls'] >= 3
+        # The untrusted server and the intruder (and, from 3.7 on, the wrong
+        # name: 3.6 checks it after the handshake, so the server sees a close).
+        assert stopped_counts(central.log())['refused_tls'] >= 2
 
 
 ##############################################################################
