@@ -10,8 +10,10 @@ the test's directory), and a client certificate from another CA refused.
 
 Run:  python3 -m pytest -q test_wip_sockets.py
 """
+import collections
 import json
 import os
+import random
 import re
 import select
 import signal
@@ -462,6 +464,15 @@ class TestSocketIn(object):
         b.send(protocol([('n', '1')]))
         assert ok.wait_events(1) == [{'n': '1'}]
 
+    def test_several_listeners_feed_one_looper(self, tmp, stoppers):
+        ports = [free_tcp_port(), free_tcp_port()]
+        mod, _ = start_socket_in(tmp, stoppers, listen='127.0.0.1:%d, 127.0.0.1:%d' % tuple(ports))
+        mod.wait_log('listening on 127.0.0.1:%d' % ports[1])
+        for i, port in enumerate(ports):
+            sender(port, stoppers).send(protocol([('n', str(i))]))
+            mod.wait_events(i + 1)
+        assert mod.events() == [{'n': '0'}, {'n': '1'}]
+
     def test_allow_matches_networks_and_ipv4_mapped_addresses(self):
         m = load(SOCKET_IN)
         nets = m.parse_allow('10.0.0.0/8 ::1/128,192.168.1.7')
@@ -655,6 +666,130 @@ class TestSocketIn(object):
         mod.wait_exit()
         assert mod.events() == [{'n': '1'}]
         assert stopped_counts(mod.log())['refused_tls'] == 3
+
+
+##############################################################################
+# The wire codec, in-process: round trips and fuzz
+##############################################################################
+
+class _Stub(object):
+    """Stands in for a selector, a socket or a server in codec tests."""
+
+    def __init__(self, **attrs):
+        self.__dict__.update(attrs)
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+def codec_modules():
+    """socket_in and socket_out loaded, their say() silenced."""
+    mods = load(SOCKET_IN), load(SOCKET_OUT)
+    for m in mods:
+        m.say = lambda *args, **kwargs: None
+    return mods
+
+
+def stub_connection(socket_in, maxline=100, maxevent=1000):
+    """A socket_in Connection past its hello, on stubs; emitted events and
+    the bytes it answers are collected."""
+    server = _Stub(maxline=maxline, maxevent=maxevent, now=0.0, ack=True, tls=None, paused=False,
+                   dirty=set(), counts=collections.defaultdict(int), emitted=[], connections=set(),
+                   selector=_Stub(), throttle=lambda *args, **kwargs: None)
+    server.count = lambda name: server.counts.__setitem__(name, server.counts[name] + 1)
+    server.emit = lambda conn, entry, data: server.emitted.append((entry, data))
+    sent = []
+    sock = _Stub(send=lambda data: sent.append(bytes(data)) or len(data), fileno=lambda: 99)
+    conn = socket_in.Connection(server, sock, 'test:1')
+    conn.feed(b'hello looper-socket 1\n')
+    assert conn.state == 'ready'
+    return conn, server, sent
+
+
+def random_value(rng):
+    alphabet = ['a', 'Z', '0', ' ', '=', '\\', '\\n', '\u00e9', '\udce9', '\t', '"', 'go']
+    return ''.join(rng.choice(alphabet) for _ in range(rng.randrange(0, 12)))
+
+
+class TestSocketCodec(object):
+
+    def test_what_socket_out_sends_socket_in_writes_unchanged(self):
+        socket_in, socket_out = codec_modules()
+        rng = random.Random(7)
+        sender_ = socket_out.Sender({'server': '127.0.0.1:1'}, True)
+        sender_.state = 'ready'
+        sender_.sock = _Stub(send=lambda data: 0, fileno=lambda: 98)
+        events = [[('t%d' % j, random_value(rng)) for j in range(rng.randrange(1, 6))]
+                  for _ in range(2000)]
+        sender_.take(events)
+        wire = sender_.out
+        expected = b''.join((''.join('%s=%s\n' % p for p in e) + 'go\n').encode(
+            'utf-8', 'surrogateescape') for e in events)
+        assert wire == expected
+        conn, server, _ = stub_connection(socket_in, maxline=1000, maxevent=10000)
+        for k in range(0, len(wire), 777):          # split anywhere
+            conn.feed(wire[k:k + 777])
+        assert b''.join(data for _, data in server.emitted) == expected
+        assert [entry[0] for entry, _ in server.emitted] == list(range(1, 2001))
+
+    def test_socket_in_never_dies_on_random_and_mutated_input(self):
+        socket_in, _ = codec_modules()
+        rng = random.Random(11)
+        good = b''.join(b'n=%d\nmsg=some text %d\ngo\n' % (i, i) for i in range(20))
+        for trial in range(3000):
+            conn, server, sent = stub_connection(socket_in)
+            data = bytearray(good)
+            for _ in range(rng.randrange(1, 8)):
+                k = rng.randrange(len(data))
+                op = rng.randrange(4)
+                if op == 0:
+                    data[k] = rng.randrange(256)
+                elif op == 1:
+                    del data[k:k + rng.randrange(1, 20)]
+                elif op == 2:
+                    data[k:k] = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200)))
+                else:
+                    data[k:k] = b'x' * rng.randrange(50, 400)        # long lines
+            if trial % 10 == 0:
+                data = bytearray(rng.randrange(256) for _ in range(rng.randrange(1, 500)))
+            pos = 0
+            while pos < len(data) and not conn.closed:
+                step = rng.randrange(1, 64)
+                conn.feed(bytes(data[pos:pos + step]))
+                pos += step
+            for entry, event in server.emitted:       # what reached Looper is well formed
+                lines = event.split(b'\n')
+                assert lines[-2:] == [b'go', b''], event
+                for line in lines[:-2]:
+                    assert line.find(b'=') > 0 and len(line) <= 100, event
+                assert len(event) <= 1000 + 3
+            numbers = [entry[0] for entry in conn.awaiting]
+            assert numbers == list(range(1, len(numbers) + 1))
+
+    def test_socket_out_never_dies_on_random_answers(self):
+        _, socket_out = codec_modules()
+        rng = random.Random(5)
+        answers = [b'ok 1\n', b'ok 3\n', b'reject 2 too big\n', b'ok 99\n', b'ok -1\n', b'ok\n',
+                   b'error 1 x\n', b'\xff\xfe\n', b'ok 2', b'\n', b'reject x\n', b'ok 4\nok 5\n']
+        for trial in range(2000):
+            sender_ = socket_out.Sender({'server': '127.0.0.1:1', 'reconnectdelay': '1'}, True)
+            sender_.state = 'ready'
+            sender_.sock = _Stub(send=lambda data: len(data), fileno=lambda: 98)
+            sender_.take([[('n', str(i))] for i in range(5)])
+            data = b''.join(rng.choice(answers) for _ in range(rng.randrange(1, 6)))
+            if trial % 10 == 0:
+                data = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300)))
+            for k in range(0, len(data), 7):
+                if sender_.state != 'ready':
+                    break
+                sender_.feed(data[k:k + 7])
+            replies = sender_.replies
+            kinds = [r.split(' ', 1)[0] for r in replies]
+            assert set(kinds) <= {'ok', 'reject', 'error'}, replies
+            assert len(replies) + sender_.pending() == 5, (replies, sender_.pending())
+            if 'error' in kinds:                     # a break answers every later event error
+                assert all(k == 'error' for k in kinds[kinds.index('error'):]) and \
+                    not sender_.pending()
 
 
 ##############################################################################
