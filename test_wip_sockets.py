@@ -700,7 +700,7 @@ def stub_connection(socket_in, maxline=100, maxevent=1000):
     server.emit = lambda conn, entry, data: server.emitted.append((entry, data))
     sent = []
     sock = _Stub(send=lambda data: sent.append(bytes(data)) or len(data), fileno=lambda: 99)
-    conn = socket_in.Connection(server, sock, 'test:1')
+    conn = socket_in.Connection(server, sock, 'test:1', 'test')
     conn.feed(b'hello looper-socket 1\n')
     assert conn.state == 'ready'
     return conn, server, sent
