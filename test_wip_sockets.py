@@ -1100,6 +1100,28 @@ class TestGateway(object):
         c = counters(gw.central.log())
         assert c.get('output.out.lost', 0) == 0
 
+    def test_killed_modules_at_either_end_lose_nothing(self, tmp, stoppers):
+        """SIGKILL the central socket_in (its Looper restarts it) and an
+        edge's socket_out (its Looper resends what was not confirmed)."""
+        gw = Gateway(tmp, stoppers)
+        gw.start_central()
+        gw.start_edges()
+
+        def kill_module(looper, name):
+            pids = [p for p in children_of(looper.proc.pid) if name in read('/proc/%d/cmdline' % p)]
+            assert len(pids) == 1, pids
+            os.kill(pids[0], signal.SIGKILL)
+            looper.wait_log(r"'(in|central)' \(pid %d\) terminated by signal 9" % pids[0])
+
+        wait_until(lambda: gw.count() >= 6000, 60, '6000 events at the central')
+        kill_module(gw.central, 'socket_in')
+        wait_until(lambda: gw.count() >= 13000, 60, '13000 events at the central')
+        kill_module(gw.edges['A'], 'socket_out')
+        wait_until(lambda: all(len(set(gw.numbers(e))) == 10000 for e in 'AB'), 90,
+                   'every event from both edges')
+        for edge in 'AB':
+            assert_at_least_once_in_order(gw.numbers(edge), 10000, 'edge ' + edge)
+
     def test_the_same_over_tls_and_a_client_certificate_from_another_ca_is_refused(
             self, tmp, stoppers):
         certs = make_certs(tmp)
