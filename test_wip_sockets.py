@@ -866,6 +866,21 @@ class TestSocketOut(object):
         assert wire.closed()
         server.accept()                              # it came back
 
+    def test_a_far_end_that_stops_reading_never_blocks_it(self, tmp, stoppers):
+        """20 MB for a server that reads nothing: the socket fills, and
+        socket_out still answers its Looper (error after acktimeout)."""
+        server = FakeServer(stoppers)
+        out = start_socket_out(tmp, stoppers, server.port, acktimeout='1', reconnectdelay='5')
+        wire = server.accept()
+        started = time.monotonic()
+        big = 'x' * 1000000
+        out.send(''.join(protocol([('n', str(i)), ('body', big)]) for i in range(20)))
+        replies = out.wait_replies(21)
+        assert time.monotonic() - started < 10
+        assert replies[1:] == ['error connection to 127.0.0.1:%d lost: no acknowledgement '
+                               'within 1 s (acktimeout)' % server.port] * 20
+        assert wire.closed()
+
     def test_events_wait_for_the_connection_then_error_after_acktimeout(self, tmp, stoppers):
         port = free_tcp_port()                       # nothing listens there
         out = start_socket_out(tmp, stoppers, port, acktimeout='0.5', reconnectdelay='0.05',
