@@ -23,8 +23,8 @@ import time
 
 import pytest
 
-from test_looper import (wait_until, need, write, config, read, Looper, counters,
-                         free_udp_port, py_module, PY, HERE, MODULES, DEADLINE, FAST,
+from test_looper import (wait_until, need, write, config, read, run, Looper, counters,
+                         free_udp_port, py_module, PY, HERE, MODULES, EXAMPLES, DEADLINE, FAST,
                          COUNTER_IN, tmp)   # noqa: F401 (tmp is a fixture)
 
 SYSLOG_OUT = os.path.join(MODULES, 'syslog_out')
@@ -775,6 +775,14 @@ class TestSyslogOutModule(object):
         assert 'sent 2 messages to udp:127.0.0.1:%d' % port in err
         receiver.close()
 
+    def test_udp_refused_by_icmp_is_reported_and_the_next_datagram_sent(self, tmp):
+        port = free_udp_port()          # nothing listens there
+        status, out, err = run_syslog_out(tmp, 'server=udp:127.0.0.1:%d\nconfigure\n%squit\n' % (
+            port, ''.join(event_lines({'message': 'm%d' % i}) for i in range(5))))
+        assert (status, out) == (0, 'ok\n' * 6), err
+        assert 'udp:127.0.0.1:%d refused a datagram (does anything listen there?)' % port in err
+        assert re.search(r'sent 5 messages .*, [1-4] refused', err), err
+
     def test_udp_over_ipv6(self, tmp):
         try:
             receiver = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
@@ -787,6 +795,38 @@ class TestSyslogOutModule(object):
         assert (status, out) == (0, 'ok\nok\n'), err
         assert receiver.recv(9000).endswith(b' over v6')
         receiver.close()
+
+    def test_the_running_module_survives_any_input(self, tmp):
+        """Random protocol lines (no `=`, NUL, bytes that are not UTF-8,
+        empty events, a 200 KB value, odd token values): every `go` of a
+        non-empty event is answered `ok`, and the module ends cleanly."""
+        receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        receiver.bind(('127.0.0.1', 0))
+        receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        rnd = random.Random(3164)
+        values = ['', 'x', '\x00', '[a b="c"]', 'local9', '99', '-', ' ', '=', 'é' * 300,
+                  b'\xff\xfe'.decode('utf-8', 'surrogateescape'), 'y' * 200000, '\\n', '\t']
+        names = ['message', 'desc', 'node', 'program', 'pid', 'msgid', 'sd', 'severity',
+                 'facility', 'x', '']
+        lines, events = [], 0
+        for _ in range(400):
+            kind = rnd.randrange(10)
+            if kind == 0:
+                lines.append(rnd.choice(['no equals sign', '\x00\x01', 'configure', 'ok', '']))
+            elif kind == 1:
+                lines.append('go')          # an empty event: no answer
+            else:
+                event = ['%s=%s' % (rnd.choice(names), rnd.choice(values))
+                         for _ in range(rnd.randrange(1, 5))]
+                events += any(not line.startswith('=') for line in event)
+                lines.extend(event + ['go'])
+        status, out, err = run_syslog_out(
+            tmp, 'server=udp:127.0.0.1:%d\nconfigure\n%s\nquit\n' % (
+                receiver.getsockname()[1], '\n'.join(lines)), timeout=60)
+        receiver.close()
+        assert status == 0, err
+        assert out == 'ok\n' * (events + 1), (out.count('\n'), events, err[-2000:])
+        assert 'Traceback' not in err
 
     def test_without_confirm_nothing_is_answered(self, tmp):
         receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -870,28 +910,37 @@ class TestSyslogOutModule(object):
             server.rsp(0, 2)
             assert m.answers(3) == ['ok', 'reject relp:127.0.0.1:%d answered 500 message too long'
                                     % server.port, 'ok']
+            # An answer that is neither 200 nor 5xx ends the session: that
+            # message and the two after it are errors, sent again later.
             server.rsp(0, 5, b'400 not now')
-            assert m.answers(1) == ['error relp:127.0.0.1:%d answered 400 not now' % server.port]
-            # serverclose with two in flight: both error, then a new session.
-            server.serverclose(0)
-            assert m.answers(2) == ['error connection to relp:127.0.0.1:%d lost: the server closed '
-                                    'the session (serverclose)' % server.port] * 2
-            m.send({'message': 'again'})
-            (session, txnr, data), = server.get(1)
-            assert (session, txnr) == (1, 2) and data.endswith(b' again')
+            assert m.answers(3) == ['error connection to relp:127.0.0.1:%d lost: the server '
+                                    'answered 400 not now' % server.port] * 3
+            m.send({'message': 'again'}, {'message': 'and again'})
+            got = server.get(2)
+            assert [(s, t) for s, t, _ in got] == [(1, 2), (1, 3)]
+            assert got[0][2].endswith(b' again') and got[1][2].endswith(b' and again')
             server.rsp(1, 2)
+            assert m.answers(1) == ['ok']
+            # serverclose with one in flight, then a new session.
+            server.serverclose(1)
+            assert m.answers(1) == ['error connection to relp:127.0.0.1:%d lost: the server closed '
+                                    'the session (serverclose)' % server.port]
+            m.send({'message': 'once more'})
+            (session, txnr, data), = server.get(1)
+            assert (session, txnr) == (2, 2) and data.endswith(b' once more')
+            server.rsp(2, 2)
             assert m.answers(1) == ['ok']
             # The connection breaks with one in flight.
             m.send({'message': 'lost'})
             server.get(1)
-            server.drop(1)
+            server.drop(2)
             assert m.answers(1) == ['error connection to relp:127.0.0.1:%d lost: the server '
                                     'closed the connection' % server.port]
         finally:
             assert m.quit() == 0
             server.close()
-        assert re.search(r'RELP session with relp:127.0.0.1:\d+ ended: the server closed the session '
-                         r'\(serverclose\); 2 messages in flight answered error', m.stderr())
+        assert re.search(r'RELP session with relp:127.0.0.1:\d+ ended: the server answered 400 not '
+                         r'now; 3 messages in flight answered error', m.stderr())
 
     def test_relp_no_answer_within_timeout_is_an_error(self, tmp):
         server = FakeRelpServer()
@@ -1159,25 +1208,87 @@ class TestSyslogOutRsyslog(object):
             killed_at, count, len(numbers) - count,
             ' '.join('%s=%s' % kv for kv in sorted(c.items()) if kv[0].startswith('output.'))))
 
-    @pytest.mark.parametrize('kind', ['tcp', 'relp'])
-    def test_throughput_through_looper(self, tmp, rsyslogd, kind):
+    def test_the_forward_example_sends_the_sample_alerts(self, tmp, rsyslogd):
         daemon = rsyslogd()
-        count = int(os.environ.get('SYSLOG_OUT_BENCH_EVENTS', '3000'))
+        text = read(os.path.join(EXAMPLES, 'forward.conf'))
+        text, n = re.subn(r"server  = 'udp:127.0.0.1:5514'", "server = 'relp:127.0.0.1:%d'"
+                          % daemon.relp, text)
+        assert n == 1, 'the example no longer has the server line this test changes'
+        text = text.replace("'rules/forward.rules'", repr(os.path.join(EXAMPLES, 'rules', 'forward.rules')))
+        text = text.replace("'sample.log'", repr(os.path.join(EXAMPLES, 'sample.log')))
+        p = run([config(tmp, text)])
+        assert p.returncode == 0, p.stderr
+        records = daemon.records()
+        kernel = [r for r in records if r['app-name'] == 'kernel']
+        assert len(kernel) == len(re.findall(r' kernel: .*(error|[Oo]ut of memory)',
+                                             read(os.path.join(EXAMPLES, 'sample.log'))))
+        assert all(r['syslogfacility-text'] == 'kern' and r['syslogseverity-text'] == 'crit'
+                   for r in kernel), kernel
+        assert any(r['hostname'] == 'prometheus' and 'Out of memory: Killed process 31337' in r['msg']
+                   for r in kernel), kernel
+        brute, = [r for r in records if r['msgid'] == 'SSHBRUTE']
+        check_fields(brute, {'hostname': 'gw1', 'app-name': 'sshd', 'procid': '9204',
+                             'syslogfacility-text': 'authpriv', 'syslogseverity-text': 'warning',
+                             'msg': 'ssh brute force from 198.51.100.77: 3 failed passwords, '
+                                    'the last for root'})
+        assert len(records) == len(kernel) + 1
+
+
+# Throughput: how many messages per second go through looper.py to a real
+# rsyslogd, and through the module alone with a window of answers (what
+# Looper's confirmwindow gives).  3000 messages by default, a smoke run; set
+# SYSLOG_OUT_BENCH_EVENTS=20000 and run with -s to read the figures.
+BENCH_EVENTS = int(os.environ.get('SYSLOG_OUT_BENCH_EVENTS', '3000'))
+
+
+class TestSyslogOutThroughput(object):
+
+    @pytest.mark.parametrize('kind,confirm', [('tcp', 'yes'), ('tcp', 'no'),
+                                              ('relp', 'yes'), ('relp', 'no')])
+    def test_throughput_through_looper(self, tmp, rsyslogd, kind, confirm):
+        daemon = rsyslogd()
         py_module(tmp, 'src', COUNTER_IN)
         conf = config(tmp, "inputmodulepath = .\noutputmodulepath = %s\n"
                            "input i {\n module = src\n count = %d\n}\n"
                            "output o {\n module = syslog_out\n server = %s:127.0.0.1:%d\n"
-                           " confirm = yes\n draintimeout = 300\n}\n"
-                           % (MODULES, count, kind, daemon.tcp if kind == 'tcp' else daemon.relp))
+                           " confirm = %s\n draintimeout = 300\n}\n"
+                           % (MODULES, BENCH_EVENTS, kind,
+                              daemon.tcp if kind == 'tcp' else daemon.relp, confirm))
         start = time.monotonic()
         looper = Looper(conf)
         try:
             assert looper.wait(timeout=300) == 0, looper.log()
-            daemon.wait_records(count)
+            daemon.wait_records(BENCH_EVENTS)
         finally:
             looper.stop()
         elapsed = time.monotonic() - start
-        numbers = event_numbers(daemon.records())
-        assert numbers == list(range(count))
-        print('\nsyslog_out over %s through looper.py: %d messages in %.2f s: %.0f messages/s'
-              % (kind, count, elapsed, count / elapsed))
+        assert event_numbers(daemon.records()) == list(range(BENCH_EVENTS))
+        print('\nlooper.py -> syslog_out %s confirm=%s -> rsyslogd: %d messages in %.2f s: '
+              '%.0f messages/s' % (kind, confirm, BENCH_EVENTS, elapsed, BENCH_EVENTS / elapsed))
+
+    @pytest.mark.parametrize('kind', ['tcp', 'relp'])
+    def test_throughput_of_the_module_with_a_window_of_128(self, tmp, rsyslogd, kind):
+        daemon = rsyslogd()
+        m = SyslogOut(tmp, server='%s:127.0.0.1:%d' % (kind, daemon.tcp if kind == 'tcp'
+                                                       else daemon.relp), confirm='yes')
+        try:
+            assert m.answers(1) == ['ok']
+            start = time.monotonic()
+            sent = answered = 0
+            while answered < BENCH_EVENTS:
+                room = min(128 - (sent - answered), BENCH_EVENTS - sent)
+                if room:
+                    m.send(*[{'n': str(i), 'msg': 'event %d' % i} for i in range(sent, sent + room)])
+                    sent += room
+                got = m.answers(1)
+                while not m.lines.empty() and len(got) < sent - answered:
+                    got.append(m.lines.get())
+                assert got == ['ok'] * len(got), got
+                answered += len(got)
+            elapsed = time.monotonic() - start
+            daemon.wait_records(BENCH_EVENTS)
+        finally:
+            assert m.quit() == 0
+        assert event_numbers(daemon.records()) == list(range(BENCH_EVENTS))
+        print('\nsyslog_out %s with 128 answers outstanding -> rsyslogd: %d messages in %.2f s: '
+              '%.0f messages/s' % (kind, BENCH_EVENTS, elapsed, BENCH_EVENTS / elapsed))
