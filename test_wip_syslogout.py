@@ -617,6 +617,23 @@ class TestSyslogOutFormats(object):
             with pytest.raises(syslog_out_code().ConfigError):
                 parse(bad)
 
+    def test_reconnection_delay_doubles_to_its_cap_and_resets(self):
+        backoff = syslog_out_code().Backoff(0.2, 0.7)
+        assert backoff.due(0.0)
+        delays = []
+        now = 100.0
+        for _ in range(5):
+            backoff.failed(now)
+            assert not backoff.due(now) and not backoff.due(backoff.next - 0.001)
+            delays.append(round(backoff.next - now, 3))
+            now = backoff.next
+            assert backoff.due(now)
+        assert delays == [0.2, 0.4, 0.7, 0.7, 0.7]
+        backoff.succeeded()
+        assert backoff.due(now)
+        backoff.failed(now)
+        assert round(backoff.next - now, 3) == 0.2
+
     def test_cut_utf8(self):
         cut = syslog_out_code().cut_utf8
         assert cut(b'abc', 5) == b'abc' and cut(b'abc', 2) == b'ab'
