@@ -855,6 +855,28 @@ class TestSyslogOutModule(object):
         assert receiver.recv(9000).endswith(b' quiet')
         receiver.close()
 
+    @pytest.mark.parametrize('kind', ['tcp', 'relp'])
+    def test_without_confirm_an_orphan_stops_when_looper_is_gone(self, tmp, kind):
+        """Waiting for a server that is down, the module notices that
+        the reader of its stdout (Looper) went away, and exits."""
+        err_path = os.path.join(tmp, 'err')
+        with open(err_path, 'wb') as err:
+            p = subprocess.Popen([PY, SYSLOG_OUT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=err, cwd=tmp)
+        try:
+            p.stdin.write(('server=%s:127.0.0.1:%d\nconfirm=no\nreconnectdelay=0.1\nconfigure\n%s'
+                           % (kind, free_tcp_port(), event_lines({'message': 'x'}))).encode())
+            p.stdin.flush()
+            wait_until(lambda: 'cannot ' in read(err_path), what='a failed connection')
+            p.stdout.close()            # Looper is gone; stdin stays open
+            assert p.wait(DEADLINE) == 0
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            p.stdin.close()
+        assert 'Looper is gone; exiting: 1 messages not ' in read(err_path), read(err_path)
+
     def test_tcp_octet_counting_and_a_server_that_closes_the_connection(self, tmp):
         server = FakeStreamServer()
         m = SyslogOut(tmp, server='tcp:127.0.0.1:%d' % server.address[1], confirm='yes',
