@@ -800,7 +800,7 @@ class TestSyslogOutModule(object):
         assert 'udp:127.0.0.1:%d refused a datagram (does anything listen there?)' % port in err
         assert re.search(r'sent 5 messages .*, [1-4] refused', err), err
 
-    def test_udp_over_ipv6(self, tmp):
+    def test_udp_and_tcp_over_ipv6(self, tmp):
         try:
             receiver = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
             receiver.bind(('::1', 0))
@@ -812,6 +812,15 @@ class TestSyslogOutModule(object):
         assert (status, out) == (0, 'ok\nok\n'), err
         assert receiver.recv(9000).endswith(b' over v6')
         receiver.close()
+        server = FakeStreamServer(socket.AF_INET6, ('::1', 0))
+        try:
+            status, out, err = run_syslog_out(tmp, 'server=tcp:[::1]:%d\nconfigure\n%squit\n' % (
+                server.address[1], event_lines({'message': 'tcp over v6'})))
+            assert (status, out) == (0, 'ok\nok\n') and 'sending to tcp:[::1]:' in err, err
+            wait_until(lambda: server.messages)
+            assert server.messages[0].endswith(b' tcp over v6')
+        finally:
+            server.close()
 
     def test_the_running_module_survives_any_input(self, tmp):
         """Random protocol lines (no `=`, NUL, bytes that are not UTF-8,
