@@ -443,6 +443,42 @@ def event_numbers(records):
     return [int(re.match(r'n=(\d+) msg=event \1$', r['msg']).group(1)) for r in records]
 
 
+class GoBackN(threading.Thread):
+    """Drives a SyslogOut as Looper does with a confirmwindow: up to
+    `window` events unanswered; after an `error`, once every event in
+    flight is answered, it waits `retry` seconds and sends again from the
+    first that was not `ok`.  Counts oks and errors."""
+
+    def __init__(self, module, events, window=128, retry=0.05):
+        threading.Thread.__init__(self, daemon=True)
+        self.m, self.events, self.window, self.retry = module, events, window, retry
+        self.oks = self.errors = 0
+        self.failure = None
+
+    def run(self):
+        try:
+            base = sent = 0                 # first event not ok; next to send
+            while base < len(self.events):
+                room = min(self.window - (sent - base), len(self.events) - sent)
+                if room > 0:
+                    self.m.send(*self.events[sent:sent + room])
+                    sent += room
+                answer, = self.m.answers(1, timeout=60)
+                if answer == 'ok':
+                    base += 1
+                    self.oks += 1
+                    continue
+                assert answer.startswith('error '), answer
+                self.errors += 1
+                rest = self.m.answers(sent - base - 1, timeout=60)
+                assert all(a.startswith('error ') for a in rest), rest   # go-back-N: in order
+                self.errors += len(rest)
+                time.sleep(self.retry)      # Looper's retrydelay
+                sent = base
+        except BaseException as e:
+            self.failure = e
+
+
 def looper_counters(looper, timeout=DEADLINE):
     """Looper's counters now: SIGUSR1, then its next counters line."""
     before = len(re.findall(r'(counters|finished): events_in=', looper.log()))
@@ -1281,6 +1317,33 @@ class TestSyslogOutRsyslog(object):
                                     'the last for root'})
         assert len(records) == len(kernel) + 1
 
+    def test_relp_with_a_window_of_128_through_a_sigkill_of_rsyslogd(self, tmp, rsyslogd):
+        """What Looper with a confirmwindow of 128 will see: the module
+        alone, driven go-back-N, while rsyslogd is killed and restarted."""
+        daemon = rsyslogd()
+        count = 20000
+        m = SyslogOut(tmp, server='relp:127.0.0.1:%d' % daemon.relp, confirm='yes',
+                      reconnectdelay='0.05', maxreconnectdelay='0.5', timeout='5')
+        try:
+            assert m.answers(1) == ['ok']
+            driver = GoBackN(m, [{'n': str(i), 'msg': 'event %d' % i} for i in range(count)])
+            driver.start()
+            daemon.wait_records(count // 4, timeout=120)
+            daemon.kill()
+            killed_at = len(daemon.records())
+            wait_until(lambda: driver.errors >= 3 * 128 or driver.failure, timeout=60,
+                       what='errors while rsyslogd is down')
+            daemon.start()
+            driver.join(120)
+            assert not driver.is_alive() and driver.failure is None, driver.failure
+        finally:
+            assert m.quit() == 0
+        numbers = event_numbers(daemon.records())
+        assert first_occurrences(numbers) == list(range(count))
+        assert len(numbers) - count <= 128, len(numbers) - count
+        assert driver.oks == count
+        print('\nwindow of 128: rsyslogd killed after %d of %d messages; %d repeated; %d errors'
+              % (killed_at, count, len(numbers) - count, driver.errors))
 
 # Throughput: how many messages per second go through looper.py to a real
 # rsyslogd, and through the module alone with a window of answers (what
