@@ -1345,6 +1345,7 @@ class TestSyslogOutRsyslog(object):
         print('\nwindow of 128: rsyslogd killed after %d of %d messages; %d repeated; %d errors'
               % (killed_at, count, len(numbers) - count, driver.errors))
 
+
 # Throughput: how many messages per second go through looper.py to a real
 # rsyslogd, and through the module alone with a window of answers (what
 # Looper's confirmwindow gives).  3000 messages by default, a smoke run; set
