@@ -228,7 +228,7 @@ class FakeRelpServer(object):
     def __init__(self, auto=False, offers=b'200 OK\nrelp_version=0\nrelp_software=fake\ncommands=syslog'):
         code = syslog_out_code()
         self.parser_class, self.frame = code.RelpParser, code.relp_frame
-        self.auto = auto
+        self.auto = auto                # True, or a function: message -> answer text
         self.offers = offers
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.listener.bind(('127.0.0.1', 0))
@@ -275,8 +275,10 @@ class FakeRelpServer(object):
                     self._send(session, self.frame(txnr, 'rsp'))
                 elif command == 'syslog':
                     self.frames.put((session, txnr, payload))
-                    if self.auto:
+                    if self.auto is True:
                         self.rsp(session, txnr)
+                    elif self.auto:
+                        self.rsp(session, txnr, self.auto(payload))
 
     def rsp(self, session, txnr, text=b'200 OK'):
         self._send(session, self.frame(txnr, 'rsp', text))
@@ -411,9 +413,14 @@ class Rsyslogd(object):
         text = read(self.out)
         return [json.loads(line) for line in text[:text.rfind('\n') + 1].splitlines()]
 
+    def count(self):
+        """How many messages are in the file (cheaper than records())."""
+        return read(self.out).count('\n')
+
     def wait_records(self, n, timeout=DEADLINE):
-        return wait_until(lambda: len(self.records()) >= n and self.records(), timeout,
-                          '%d messages in rsyslogd\'s file; stderr:\n%s' % (n, read(self.log)))
+        wait_until(lambda: self.count() >= n, timeout,
+                   '%d messages in rsyslogd\'s file; stderr:\n%s' % (n, read(self.log)))
+        return self.records()
 
 
 @pytest.fixture
@@ -1106,6 +1113,25 @@ class TestSyslogOutModule(object):
             link.close()
             server.close()
 
+    def test_relp_5xx_is_a_reject_through_looper(self, tmp):
+        """A RELP server that refuses some messages for good (500):
+        Looper counts them rejected and the others confirmed."""
+        server = FakeRelpServer(auto=lambda data: b'500 refused' if data.endswith(b'7')
+                                else b'200 OK')
+        py_module(tmp, 'src', COUNTER_IN)
+        conf = config(tmp, "inputmodulepath = .\noutputmodulepath = %s\n"
+                           "input i {\n module = src\n count = 300\n}\n"
+                           "output o {\n module = syslog_out\n server = relp:127.0.0.1:%d\n"
+                           " confirm = yes\n}\n" % (MODULES, server.port))
+        try:
+            p = run([conf])
+        finally:
+            server.close()
+        c = counters(p.stderr)
+        assert c['output.o.rejected'] == 30 and c['output.o.confirmed'] == 270, p.stderr
+        assert re.search(r'reject.*relp:127.0.0.1:\d+ answered 500 refused', p.stderr), p.stderr
+        assert p.returncode == 1, p.stderr          # a run with rejected events says so
+
     def test_unix_datagram_local_form_and_daemon_restart(self, tmp):
         path = os.path.join(tmp, 'log.sock')
 
@@ -1267,13 +1293,13 @@ class TestSyslogOutRsyslog(object):
         try:
             daemon.wait_records(count // 4, timeout=120)
             daemon.kill()
-            killed_at = len(daemon.records())
+            killed_at = daemon.count()
             looper.wait_log(r'RELP session with relp:127.0.0.1:\d+ ended')
-            # Stay down until Looper has had a few `error`s for the same
-            # events (SIGUSR1 writes its counters), so that the module's
+            # Stay down until Looper has resent its window of 128 three
+            # times (SIGUSR1 writes its counters), so that the module's
             # reconnection delays and Looper's retries both run.
-            wait_until(lambda: looper_counters(looper).get('output.o.retried', 0) >= 3,
-                       what='three retries while rsyslogd is down')
+            wait_until(lambda: looper_counters(looper).get('output.o.retried', 0) >= 3 * 128,
+                       what='three retries of the window while rsyslogd is down')
             daemon.start()
             assert looper.wait(timeout=300) == 0, looper.log()
         finally:
@@ -1330,7 +1356,7 @@ class TestSyslogOutRsyslog(object):
             driver.start()
             daemon.wait_records(count // 4, timeout=120)
             daemon.kill()
-            killed_at = len(daemon.records())
+            killed_at = daemon.count()
             wait_until(lambda: driver.errors >= 3 * 128 or driver.failure, timeout=60,
                        what='errors while rsyslogd is down')
             daemon.start()
