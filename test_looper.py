@@ -3739,18 +3739,35 @@ class TestInterop(object):
 class TestBench(object):
 
     def test_bench_smoke_run_agrees_on_matches_and_reports_every_section(self, tmp):
-        """bench/bench.py --smoke: 2000 lines through every installed tool,
-        start-up, latency and memory; the tools must agree on the matches."""
+        """bench/bench.py --smoke: 2000 lines through every installed tool
+        (rules with and without watchfor), NORULES against syslog_in alone,
+        start-up, latency, memory (stalled and restarting outputs) and the
+        correlation helpers' bytes per key; the tools must agree on the
+        matches and logfile_out must write every line."""
         p = subprocess.run([sys.executable, os.path.join(HERE, 'bench', 'bench.py'), '--smoke',
                             '--python', PY, '--workdir', tmp],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            universal_newlines=True, timeout=120)
         assert p.returncode == 0, p.stderr[-3000:]
-        assert re.search(r'\| identical match counts \| expected \d+ \| PASS \|', p.stdout), p.stdout
-        for section in ('### Throughput', '### Start-up', '### Latency', '### Memory', '### Targets'):
-            assert section in p.stdout, p.stdout
-        looper_row = re.search(r'^\| Looper \| [\d.]+ s \|', p.stdout, re.M)
-        assert looper_row, p.stdout
+        out = p.stdout
+        for section in ('### Throughput', '### NORULES', '### Start-up', '### Latency',
+                        '### Memory', '### Correlation', '### Targets'):
+            assert section in out, out
+        for row in ('Looper', 'Looper, watchfor', 'syslog_in alone > /dev/null'):
+            assert re.search(r'^\| %s \| [\d.]+ s \|' % re.escape(row), out, re.M), out
+        for passed in (r'identical match counts and hashes \| expected \d+',
+                       r'NORULES: logfile_out wrote every line \| 2,000 lines',
+                       r'logfile_out unaffected by a stalled output \| 2000/2000 delivered',
+                       r'logfile_out unaffected by a confirmed output beside one restarting '
+                       r'after 60 s \| 2000/2000 delivered'):
+            assert re.search(r'^\| %s \| PASS \|' % passed, out, re.M), out
+        assert re.search(r'^\| Looper NORULES, logfile_out as shipped .*\| 2000 \| \*\*[\d.]+x',
+                         out, re.M), out
+        assert re.search(r'^\| `python looper.py basic.conf`.*\| [\d.]+ ms \| [\d.]+x `cat`',
+                         out, re.M), out
+        for case in ('suppress', 'threshold'):
+            assert re.search(r'^\| memory per key, %s .*\| -?\d+ B/key' % case, out, re.M), out
         if IN_CI:
             for peer in ('SEC', 'swatch'):
-                assert re.search(r'^\| %s \| [\d.]+ s \|' % peer, p.stdout, re.M), p.stdout
+                assert re.search(r'^\| %s \| [\d.]+ s \|' % peer, out, re.M), out
+            assert re.search(r'\(SEC: -?\d+ B/op\)', out), out

@@ -2,18 +2,21 @@
 """Looper benchmark: Looper against SEC, swatch and a bare Python loop.
 
     python3 bench/bench.py                   everything: 1,000,000 lines, 3 rounds
-    python3 bench/bench.py --smoke           tiny and fast (< 15 s); used by the tests
-    python3 bench/bench.py --throughput --rounds 5 --lines 200000
-    python3 bench/bench.py --latency         only the latency section
+    python3 bench/bench.py --smoke           every section, tiny (about 20 s); the tests run it
+    python3 bench/bench.py --throughput --norules --python /root/.pyenv/versions/3.6.15/bin/python3
+    python3 bench/bench.py --cpus 0 --lines 300000      one CPU (or: taskset -c 0 python3 ...)
+    python3 bench/bench.py --correlation --keys 200000
     python3 bench/bench.py --json results.json --strict
 
-Sections (all of them when none is named): --throughput, --startup,
---latency, --memory.  Progress goes to stderr; the report (markdown, ready
-for the README) goes to stdout.  Exit status: 0 when Looper ran and every
-tool found the same number of matches as the generator planted; 1 when
-Looper failed or the counts differ (with --strict, also when a target is
-missed); 2 for a bad command line.  Stdlib only, Python 3.6 to 3.13, Linux
-(/proc is read for memory figures).
+Sections (all of them when none is named): --throughput, --norules,
+--startup, --latency, --memory, --correlation.  Progress goes to stderr; the
+report (markdown) goes to stdout.  Exit status: 0 when Looper ran and every
+tool found the same matches as the generator planted (and logfile_out wrote
+every line in NORULES); 1 when Looper failed or the counts differ (with
+--strict, also when a target is missed); 2 for a bad command line.  Stdlib
+only, Python 3.6 to 3.13, Linux (/proc is read for memory and CPU figures).
+bench/README.md explains the method and how to read the report, and keeps
+the history of the figures.
 
 What it does
 ------------
@@ -35,22 +38,23 @@ echoed lines, the bare loop's lines).  Otherwise it fails loudly (exit 1).
 
 Throughput.  Each round runs every tool once on the same file, in an order
 rotated per round (so no tool always runs first or after the same one):
-  looper  `PYTHON looper.py bench.conf`: shipped syslog_in (from the top,
-          exits at EOF) -> bench.rules (the regex on `desc`; outputTokens =
-          user, source, line = date node desc) -> shipped logfile_out.
-          Matches = lines in logfile_out's file (its `line` values hashed).
-  lean    the same with `tokens = date node desc` in syslog_in's block: only
-          the tokens these rules read (SEC and swatch see only the raw line
-          too), as the original Looper's module sent.  Its ratios are
-          reported beside the default's, as separate target rows.
-  sec     `sec --conf=sec.conf --input=FILE --notail --debug=3 --log=/dev/null`
-          with one type=Single ptype=RegExp rule, action=write OUT $0.
-          Matches = lines in OUT.
-  swatch  `swatchdog --config-file=swatch.conf --examine=FILE --script-dir=DIR`
-          with `watchfor /REGEX/` + `echo normal`.  Matches = stdout lines
-          minus swatchdog's banner and blank lines.
-  bare    `PYTHON bare.py FILE OUT`: for line in f: if rx.search(line):
-          out.write(line) -- the floor for anything written in Python.
+  looper    `PYTHON looper.py bench.conf`: shipped syslog_in (from the top,
+            exits at EOF) -> looper.rules (REGEX on `desc`; outputTokens =
+            user, source, line = date node desc) -> shipped logfile_out.
+            Matches = lines in logfile_out's file (its `line` values hashed).
+  lean      the same with `tokens = date node desc` in syslog_in's block: only
+            the tokens these rules read, as the original Looper's module sent.
+  watchfor  the same rules with `watchfor = r'WATCHFOR'` on top: Looper runs
+            them only for events whose text matches, and (every rules file
+            having one) searches whole reads at once, making no dict for the
+            other events.
+  sec       `sec --conf=sec.conf --input=FILE --notail --debug=3 --log=/dev/null`
+            with one type=Single ptype=RegExp rule, action=write OUT $0.
+  swatch    `swatchdog --config-file=swatch.conf --examine=FILE --script-dir=DIR`
+            with `watchfor /REGEX/` + `echo normal`.  Matches = stdout lines
+            minus swatchdog's banner and blank lines.
+  bare      `PYTHON bare.py FILE OUT`: for line in f: if rx.search(line):
+            out.write(line) -- the floor for anything written in Python.
 PYTHON is --python (default $LOOPER_PYTHON, else the interpreter running
 this script), always the real binary, never the pyenv `python3` shim (which
 adds about 0.1 s per start).  Looper runs python-shebang modules under its
@@ -63,12 +67,21 @@ two peak RSS figures, sampled from /proc every --sample-interval s:
   RSS tree  largest sum of VmRSS over the main process and all its
             descendants at one sample (Looper + syslog_in + logfile_out;
             swatchdog + its generated watcher script).
-(os.wait4's ru_maxrss is also in the JSON: on Linux it is the largest single
-process of the tree, not the sum.)  Ratio = Looper wall / tool wall within
-the same round; the headline is the median of the per-round ratios.
+Ratio = Looper wall / peer wall within the same round, for each Looper
+variant and each peer; the headline is the median of the per-round ratios.
 
-Start-up.  `PYTHON looper.py --version` against `PYTHON -c pass`,
-alternated, --startup-reps times each; medians and their ratio.
+NORULES.  Rounds as above of: Looper with NORULES, shipped syslog_in ->
+shipped logfile_out, every event unchanged (the original Looper's first
+example), with logfile_out as shipped (its declaration decides confirm)
+and with the other confirm setting; and `printf 'logfile=FILE\n' | PYTHON
+modules/syslog_in > /dev/null`, the input module alone.  logfile_out's file
+must have exactly --lines lines.  Ratio = Looper / syslog_in alone.
+
+Start-up.  Four commands alternated (order rotated), --startup-reps times
+each: `PYTHON -c pass`, `PYTHON looper.py --version`, `cat sample.log >
+FILE`, and a whole short batch run as examples/basic.conf does it
+(syslog_in over the 50-line examples/sample.log -> logfile_out, NORULES,
+checked for 50 lines out).  Medians and their ratios.
 
 Latency.  One event at a time through a real Looper: a bench-written input
 module (lat_in.py) emits an event every --latency-interval s carrying
@@ -77,39 +90,52 @@ the same rules (regex on desc, route user/source) pass it on, and a
 bench-written output module (lat_out.py) records time.monotonic() - t when
 it reads `go`.  The shipped modules are not in this path: it measures
 Looper itself (pipes, framing, rules, queues, flushing).  Conditions: idle;
-cpu = nproc busy-looping Python processes; stream = a second Looper running
-the throughput job on the big file at the same time.  p50/p99/max over
---latency-events events (after --latency-warmup events that are dropped).
-Control rows (direct-idle, direct-cpu): the same input module piped straight
-into the same output module, no Looper: the machine's own cost of waking a
-process on a pipe, to read the Looper rows against.
+cpu = one busy-looping Python process per usable CPU; stream = a second
+Looper running the throughput job on the big file at the same time.
+p50/p99/max over --latency-events events (after --latency-warmup events
+that are dropped).  Control rows (direct-idle, direct-cpu): the same input
+module piped straight into the same output module, no Looper.
 
-Memory.  (1) Looper's own RSS (VmRSS of the looper.py process, sampled)
-over the full run: peak, the value at 25/50/75/100% of the run, and whether
-it is flat: the peak reached by the end exceeds the peak of the first half
-by <= max(1 MiB, 5%) (RSS may swing inside a bound as queues fill and
-drain; a leak keeps raising the peak).  Taken from the
-throughput rounds when they ran, else from a dedicated run.  (2) Stalled
-output: NORULES, input = syslog_in on the same file, output `fast` =
-logfile_out (queuesize = 1000, overflow = block: a default 10,000-event
+Memory.  Looper's own RSS (VmRSS of the looper.py process, sampled) at
+25/50/75/100% of a run and its peak, and whether it is flat: the peak
+reached by the end exceeds the peak of the first half by <= max(1 MiB, 5%)
+(RSS may swing inside a bound as queues fill and drain; a leak keeps
+raising the peak).  Three runs: (1) the throughput job (from its rounds
+when they ran, else a dedicated run); (2) stalled: NORULES, syslog_in ->
+`fast` = logfile_out (queuesize 1000) and `stalled` = a module that reads
+its configuration and then never reads again (queuesize 1000, overflow
+drop, draintimeout/closetimeout 1 s); (3) restarting: `fast` = logfile_out
+with confirm = yes (queuesize 1000) at full speed beside `restarting` = a
+module that exits 1 as soon as it is configured, restartdelay = 60 s
+(queuesize 1000, overflow drop).  Queues of 1000: a default 10,000-event
 queue that fills or not with the machine's load would make RSS swing by a
-few MB and hide what is measured), output `stalled` = a module that reads
-its configuration and then never reads again, with queuesize = 1000,
-overflow = drop (and
-draintimeout/closetimeout = 1 s so shutdown is quick).  Looper's RSS must
-stay flat while the stalled queue fills and then drops (and is reported
-against 25 MB too, with its excess over the throughput run), and `fast`
-must still receive every event.  Looper exits 1 here by design (events for
-`stalled` were lost); the bench reports the status and Looper's dropped
-counter.
+few MB and hide what is measured.  `fast` must receive every event; Looper
+exits 1 in (2) and (3) by design (events for the troubled output were
+dropped); the counters it logs at the end are reported.
 
-Scratch files (configs, rules, outputs, Looper logs) live in
---workdir/run-PID/, removed at the end unless --keep.
+Correlation.  Memory per key of the helpers (issue 14), beside SEC's
+correlation operations: --keys events (default 1,000,000), each with a
+distinct desc, all within the window.  Looper: a bench-written input module
+(keys_in.py) writes the events and holds its pipe open a second at the end
+(so the plateau is sampled), into rules `suppress(desc, 3600)`, or
+`threshold(desc, 5, 3600)`, or (the baseline) only reading the desc.  SEC:
+the same descs as syslog lines on a pipe held open the same way, into
+`SingleWithSuppress` (window=3600) or `SingleWithThreshold` (thresh=5
+window=3600) with desc=$1, or (the baseline) a `Single` rule with action
+none.  Bytes per key = (peak RSS - the baseline run's peak RSS) / keys.
 
-Targets (PASS/FAIL in the report): Looper <= 0.5x SEC and <= 1.0x swatch
-(median per-round ratio), <= 4x the bare loop; latency p99 < 5 ms idle;
-Looper RSS < 25 MB and flat; start-up <= 1.5x `-c pass`; bounded RSS with a
-stalled output.
+--cpus LIST pins this script, and so every process it starts, to those
+CPUs (sched_setaffinity, as `taskset -c LIST` does).  Scratch files
+(configs, rules, outputs, Looper logs) live in --workdir/run-PID/, removed
+at the end unless --keep.
+
+Targets (PASS/FAIL in the report; issue 13's table): Looper <= 0.5x SEC
+and <= 1.0x swatch (rules without watchfor); with watchfor <= 0.3x SEC,
+<= 0.6x swatch, <= 3x the bare loop; NORULES <= 1.5x syslog_in alone;
+latency p99 < 5 ms idle; Looper RSS < 25 MB and flat (the throughput job,
+and beside a stalled and a restarting output); start-up <= 1.5x `-c pass`.
+Reported without a target: the short batch run against `cat`, and the
+bytes per key.
 """
 from __future__ import print_function
 
@@ -136,12 +162,17 @@ ROOT = os.path.dirname(HERE)
 # every tool (Python re and Perl agree on this subset).  No `/` in it, so it
 # needs no escaping in swatch's /.../.
 REGEX = r'sshd\[\d+\]: Failed password for (\S+) from (\S+) port \d+ ssh2'
+# The watchfor of the same job: anchored on the desc token, as a user would
+# write it.  It also lets through the `Failed password for invalid user`
+# near misses (3% of the lines), which the rules' REGEX then rejects.
+WATCHFOR = r'^desc=sshd\[\d+\]: Failed password for '
 GEN_VERSION = 2              # bump when the generator changes: invalidates the cache
 
-TARGETS = {
-    'sec': 0.5,              # Looper wall / SEC wall, median of rounds
-    'swatch': 1.0,
-    'bare': 4.0,
+TARGETS = {                  # issue 13's table
+    'looper': {'sec': 0.5, 'swatch': 1.0},     # Looper wall / peer wall, median of rounds
+    'lean': {'sec': 0.5, 'swatch': 1.0},       # the same job, tokens = date node desc
+    'watchfor': {'sec': 0.3, 'swatch': 0.6, 'bare': 3.0},
+    'norules': 1.5,          # NORULES syslog_in -> logfile_out / syslog_in alone > /dev/null
     'latency_p99_ms': 5.0,   # idle
     'rss_mb': 25.0,          # Looper's own process
     'startup': 1.5,          # looper.py --version / -c pass
@@ -496,7 +527,8 @@ class Sampler(threading.Thread):
                 for pid in [self.pid] + kids:
                     cpu = _cpu_seconds(pid)
                     if cpu is not None:
-                        if pid not in self.cpu:
+                        if pid not in self.cpu or self.cpu[pid][0] == '?':
+                            # '?': its cmdline could not be read (yet): try again.
                             self.cpu[pid] = [_proc_name(pid), cpu]
                         self.cpu[pid][1] = cpu
                 self.hwm = max(self.hwm, hwm)
@@ -511,13 +543,16 @@ class Sampler(threading.Thread):
 
 
 def run_measured(argv, stdout=None, stderr=None, cwd=None, env=None, interval=0.05,
-                 timeout=None):
-    """Run argv to its end; return a dict of measurements."""
+                 timeout=None, stdin=None):
+    """Run argv to its end; return a dict of measurements.  stdin, stdout,
+    stderr: paths (stdin read from, the others truncated), or None for
+    /dev/null."""
     out = open(stdout, 'wb') if stdout else subprocess.DEVNULL
     err = open(stderr, 'wb') if stderr else subprocess.DEVNULL
+    inp = open(stdin, 'rb') if stdin else subprocess.DEVNULL
     try:
         t0 = time.perf_counter()
-        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+        p = subprocess.Popen(argv, stdin=inp, stdout=out, stderr=err,
                              cwd=cwd, env=env)
         sampler = Sampler(p.pid, interval)
         sampler.t0 = t0
@@ -533,7 +568,7 @@ def run_measured(argv, stdout=None, stderr=None, cwd=None, env=None, interval=0.
             killer.cancel()
         sampler.stop()
     finally:
-        for f in (out, err):
+        for f in (out, err, inp):
             if f is not subprocess.DEVNULL:
                 f.close()
     if os.WIFSIGNALED(status):
@@ -688,6 +723,13 @@ if m is not None:
     writeTo('out')
 '''
 
+# The same rules, declaring which events they are for: Looper then runs
+# them only for events whose text matches, and (every rules file having a
+# watchfor) searches whole reads at once, making no dict for the others.
+WATCHFOR_RULES = '''\
+watchfor = r'%(watchfor)s'
+''' + RULES
+
 LAT_RULES = '''\
 # Latency rules: the same regex; keep t and seq, add user and source.
 ''' + _RULES_SETUP + '''\
@@ -777,6 +819,72 @@ PATH=/bin:/usr/bin:$PATH exec sleep 100000
 '''
 
 
+# The correlation job: one distinct key per event, the desc of a failed
+# login (about 70 bytes), the same string for Looper and for SEC.
+KEY_DESC = 'sshd[4242]: Failed password for u%07d from 10.%d.%d.%d port 22 ssh2'
+
+
+def key_desc(i):
+    return KEY_DESC % (i, i >> 16 & 255, i >> 8 & 255, i & 255)
+
+
+KEYS_IN = '''\
+#!/usr/bin/env python3
+# Correlation input module: after its configuration (stdin, closed by
+# Looper), writes `count` events with distinct desc values (node, desc),
+# a thousand a write, then holds `hold` s so that Looper's RSS is sampled
+# at its plateau, and exits 0.
+import sys, time
+cfg = {}
+for line in sys.stdin:
+    k, _, v = line.rstrip('\\n').partition('=')
+    cfg[k] = v
+count = int(cfg['count'])
+out = sys.stdout.buffer
+buf = []
+for i in range(count):
+    buf.append('node=web01\\ndesc=%(desc)s\\ngo\\n' %% (i, i >> 16 & 255, i >> 8 & 255, i & 255))
+    if len(buf) == 1000:
+        out.write(''.join(buf).encode())
+        out.flush()
+        del buf[:]
+out.write(''.join(buf).encode())
+out.flush()
+time.sleep(float(cfg.get('hold', '1')))
+'''
+
+# Rules for the correlation job: the key is the event's desc.  `base`
+# reads it and calls nothing: what every event costs without the helper.
+KEY_RULES = {
+    'base': "key = inputTokens['desc']\n",
+    'suppress': "key = inputTokens['desc']\nif suppress(key, 3600):\n    pass\n",
+    'threshold': "key = inputTokens['desc']\nif threshold(key, 5, 3600):\n    pass\n",
+}
+
+# SEC: the same desc as $1; `base` is a Single rule with no action (one
+# match, nothing kept), the others create one correlation operation per
+# distinct desc.
+_SEC_PATTERN = r'^\S+\s+\d+ \S+ \S+ (.+)$'
+SEC_KEY_RULES = {
+    'base': 'type=Single\nptype=RegExp\npattern=%s\ndesc=$1\naction=none\n' % _SEC_PATTERN,
+    'suppress': ('type=SingleWithSuppress\nptype=RegExp\npattern=%s\ndesc=$1\naction=none\n'
+                 'window=3600\n' % _SEC_PATTERN),
+    'threshold': ('type=SingleWithThreshold\nptype=RegExp\npattern=%s\ndesc=$1\naction=none\n'
+                  'thresh=5\nwindow=3600\n' % _SEC_PATTERN),
+}
+
+
+DIE = '''\
+#!/bin/sh
+# An output that dies: reads its configuration up to `configure`, then
+# exits 1 (Looper restarts it after restartdelay).
+while read -r line; do
+    [ "$line" = configure ] && break
+done
+exit 1
+'''
+
+
 class Ctx(object):
     """Paths and options shared by every section."""
 
@@ -792,8 +900,14 @@ class Ctx(object):
                     not os.path.exists('/proc/%s' % name[4:]):
                 shutil.rmtree(os.path.join(self.workdir, name), ignore_errors=True)
         os.makedirs(self.rundir)
+        self.modules = os.path.join(os.path.dirname(self.looper), 'modules')
         self.input = None
         self.meta = None
+        self.looper_version = '?'
+        if os.path.exists(self.looper):
+            r = subprocess.run([self.python, self.looper, '--version'], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, universal_newlines=True)
+            self.looper_version = (r.stdout.strip().splitlines() or ['?'])[-1]
 
     def path(self, name):
         return os.path.join(self.rundir, name)
@@ -827,6 +941,7 @@ class Tool(object):
         raise NotImplementedError
 
     stdout = None        # path for the tool's stdout
+    stdin = None         # path of a file for the tool's stdin
 
     def before(self, ctx):
         pass
@@ -839,32 +954,59 @@ class Tool(object):
         return ''
 
 
+def looper_missing(ctx):
+    """Why Looper cannot run here, or None."""
+    if not os.path.exists(ctx.looper):
+        return 'looper.py not found at %s' % ctx.looper
+    for m in ('syslog_in', 'logfile_out'):
+        if not os.access(os.path.join(ctx.modules, m), os.X_OK):
+            return 'module %s not found (or not executable) in %s' % (m, ctx.modules)
+    return None
+
+
+def looper_check(ctx, conf):
+    """None when `looper.py --check conf` passes, else why not."""
+    cmd = [ctx.python, ctx.looper, '--check', conf]
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       universal_newlines=True)
+    if r.returncode != 0:
+        return 'FAILED: `%s` exited %d:\n%s' % (' '.join(cmd), r.returncode, r.stdout)
+    return None
+
+
+def declared_confirm(ctx):
+    """'yes' or 'no': whether the shipped logfile_out's declaration
+    (`# /// looper` ... `# ///`) makes confirm its default."""
+    try:
+        with open(os.path.join(ctx.modules, 'logfile_out'), 'rb') as f:
+            head = f.read(8192).decode('utf-8', 'replace')
+    except OSError:
+        return 'no'
+    m = re.search(r'^# /// looper\n(.*?)^# ///$', head, re.M | re.S)
+    if m:
+        c = re.search(r"^#\s*confirm\s*=\s*['\"]?(\w+)", m.group(1), re.M)
+        if c and c.group(1).lower() in ('yes', 'true', 'on', '1'):
+            return 'yes'
+    return 'no'
+
+
 class Looper(Tool):
     name, label = 'looper', 'Looper'
     input_keys = {}      # extra keys for syslog_in's block
+    rules_text = RULES
 
     def prepare(self, ctx):
-        if not os.path.exists(ctx.looper):
-            self.skip = 'looper.py not found at %s' % ctx.looper
+        self.skip = looper_missing(ctx)
+        if self.skip:
             return
-        mods = os.path.join(os.path.dirname(ctx.looper), 'modules')
-        for m in ('syslog_in', 'logfile_out'):
-            if not os.access(os.path.join(mods, m), os.X_OK):
-                self.skip = 'module %s not found (or not executable) in %s' % (m, mods)
-                return
-        r = subprocess.run([ctx.python, ctx.looper, '--version'], stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, universal_newlines=True)
-        self.version = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else '?'
-        rules = write_file(ctx.path('bench.rules'), RULES % {'regex': REGEX})
+        self.version = ctx.looper_version
+        rules = write_file(ctx.path(self.name + '.rules'),
+                           self.rules_text % {'regex': REGEX, 'watchfor': WATCHFOR})
         self.out = ctx.path(self.name + '.out')
         self.conf = looper_conf(ctx, 'bench-' + self.name, rules,
                                 dict({'module': 'syslog_in', 'logfile': ctx.input}, **self.input_keys),
                                 [('out', {'module': 'logfile_out', 'filename': self.out})])
-        cmd = [ctx.python, ctx.looper, '--check', self.conf]
-        r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           universal_newlines=True)
-        if r.returncode != 0:
-            self.skip = 'FAILED: `%s` exited %d:\n%s' % (' '.join(cmd), r.returncode, r.stdout)
+        self.skip = looper_check(ctx, self.conf)
 
     def argv(self, ctx):
         return [ctx.python, ctx.looper, self.conf]
@@ -883,6 +1025,78 @@ class Looper(Tool):
 class LooperLean(Looper):
     name, label = 'lean', 'Looper, tokens = date node desc'
     input_keys = {'tokens': 'date node desc'}
+
+
+class LooperWatchfor(Looper):
+    name, label = 'watchfor', 'Looper, watchfor'
+    rules_text = WATCHFOR_RULES
+
+
+class NoRules(Tool):
+    """NORULES: shipped syslog_in -> shipped logfile_out, every event
+    unchanged (the original Looper's first example).  confirm None: as
+    shipped (logfile_out's declaration decides); else 'yes' or 'no' set in
+    the output block."""
+    name, label = 'norules', 'Looper NORULES'
+    confirm = None
+
+    def prepare(self, ctx):
+        self.skip = looper_missing(ctx)
+        if self.skip:
+            return
+        self.version = ctx.looper_version
+        shipped = declared_confirm(ctx)
+        block = {'module': 'logfile_out', 'filename': ctx.path(self.name + '.out')}
+        if self.confirm is None:
+            self.label = 'Looper NORULES, logfile_out as shipped (confirm = %s)' % shipped
+        else:
+            block['confirm'] = self.confirm
+            self.label = 'Looper NORULES, logfile_out with confirm = %s' % self.confirm
+        self.out = block['filename']
+        self.conf = looper_conf(ctx, 'bench-' + self.name, 'NORULES',
+                                {'module': 'syslog_in', 'logfile': ctx.input}, [('out', block)])
+        self.skip = looper_check(ctx, self.conf)
+
+    def argv(self, ctx):
+        return [ctx.python, ctx.looper, self.conf]
+
+    def before(self, ctx):
+        rm(self.out)
+
+    def count(self, ctx):
+        return count_lines(self.out), None
+
+    def diagnose(self, ctx):
+        log = ctx.path('bench-%s.log' % self.name)
+        return 'looper log (%s):\n%s' % (log, tail(log))
+
+
+class NoRulesOther(NoRules):
+    """The other confirm setting than the shipped one."""
+    name = 'norules-alt'
+
+    def prepare(self, ctx):
+        self.confirm = 'no' if declared_confirm(ctx) == 'yes' else 'yes'
+        NoRules.prepare(self, ctx)
+
+
+class SyslogAlone(Tool):
+    """`printf 'logfile=FILE\\n' | PYTHON modules/syslog_in > /dev/null`: the
+    input module by hand, the floor of every Looper run on a file."""
+    name, label = 'syslog_in', 'syslog_in alone > /dev/null'
+
+    def prepare(self, ctx):
+        self.skip = looper_missing(ctx)
+        if self.skip:
+            return
+        self.version = 'Python ' + python_version(ctx.python)
+        self.stdin = write_file(ctx.path('syslog_in.config'), 'logfile=%s\n' % ctx.input)
+
+    def argv(self, ctx):
+        return [ctx.python, os.path.join(ctx.modules, 'syslog_in')]
+
+    def count(self, ctx):
+        return None, None       # its output went to /dev/null
 
 
 class Sec(Tool):
@@ -973,7 +1187,7 @@ def run_tool(ctx, tool, timeout):
     tool.before(ctx)
     err = ctx.path('%s.stderr' % tool.name)
     res = run_measured(tool.argv(ctx), stdout=tool.stdout, stderr=err, cwd=ctx.rundir,
-                       interval=ctx.args.sample_interval, timeout=timeout)
+                       interval=ctx.args.sample_interval, timeout=timeout, stdin=tool.stdin)
     res['matches'], res['digest'] = tool.count(ctx)
     if res['rc'] != 0:
         raise BenchError('%s failed: `%s` exited %d\nstderr:\n%s\n%s' % (
@@ -981,25 +1195,26 @@ def run_tool(ctx, tool, timeout):
     return res
 
 
-def section_throughput(ctx, tools, results):
-    args = ctx.args
-    lines = ctx.meta['lines']
-    expected = ctx.meta['matches']
-    active = [t for t in tools if not t.skip]
-    # Warm the page cache so the first tool does not pay for the disk.
-    with open(ctx.input, 'rb') as f:
+def warm(path):
+    """Read a file once so the first tool does not pay for the disk."""
+    with open(path, 'rb') as f:
         while f.read(1 << 22):
             pass
-    timeout = max(120.0, lines / 2000.0)
+
+
+def run_rounds(ctx, active, rounds, timeout, what):
+    """Run every tool once per round, in an order rotated per round (so no
+    tool always runs first or after the same one).  Returns ({name: [run
+    results]}, {name: why it failed})."""
     runs = {t.name: [] for t in active}
     failed = {}
-    for rnd in range(args.rounds):
+    for rnd in range(rounds):
         k = rnd % len(active) if active else 0
         order = active[k:] + active[:k]
         for tool in order:
             if tool.name in failed:
                 continue
-            log('round %d/%d: %s...', rnd + 1, args.rounds, tool.label)
+            log('%s round %d/%d: %s...', what, rnd + 1, rounds, tool.label)
             try:
                 res = run_tool(ctx, tool, timeout)
             except BenchError as e:
@@ -1007,9 +1222,15 @@ def section_throughput(ctx, tools, results):
                 log('%s', e)
                 continue
             res['round'] = rnd
-            log('  %.3f s, %d matches, RSS %.1f MB (tree %.1f MB)', res['wall'], res['matches'],
+            log('  %.3f s, %s lines out, RSS %.1f MB (tree %.1f MB)', res['wall'],
+                '-' if res['matches'] is None else res['matches'],
                 res['rss_own_kb'] / 1024.0, res['rss_tree_kb'] / 1024.0)
             runs[tool.name].append(res)
+    return runs, failed
+
+
+def summarize(ctx, active, runs, lines):
+    """Per tool: medians over its rounds, peaks, the match counts and hashes."""
     summary = {}
     for tool in active:
         rs = runs[tool.name]
@@ -1022,22 +1243,42 @@ def section_throughput(ctx, tools, results):
             'cpu_median': median([r['cpu'] for r in rs]),
             'rss_own_mb': max(r['rss_own_kb'] for r in rs) / 1024.0,
             'rss_tree_mb': max(r['rss_tree_kb'] for r in rs) / 1024.0,
-            'matches': sorted(set(r['matches'] for r in rs)),
+            'matches': sorted(set(r['matches'] for r in rs if r['matches'] is not None)),
             'digests': sorted(set(str(r['digest']) for r in rs)),
             'walls': [r['wall'] for r in rs],
             'cpu_by_process': {k: median([r['cpu_by_process'].get(k, 0.0) for r in rs])
                                for k in rs[0]['cpu_by_process']},
         }
-    ratios = {}         # peer -> Looper / peer; lean_ratios: the same for `lean`
-    lean_ratios = {}
-    for looper, table in (('looper', ratios), ('lean', lean_ratios)):
-        lr = {r['round']: r['wall'] for r in runs.get(looper, [])}
-        for tool in active:
-            if tool.name in ('looper', 'lean'):
-                continue
-            per = [lr[r['round']] / r['wall'] for r in runs[tool.name] if r['round'] in lr]
-            if per:
-                table[tool.name] = {'per_round': per, 'median': median(per)}
+    return summary
+
+
+def pair_ratios(runs, mine, peers):
+    """{peer: {'per_round': [mine / peer wall in the same round], 'median'}}."""
+    table = {}
+    lr = {r['round']: r['wall'] for r in runs.get(mine, [])}
+    for peer in peers:
+        per = [lr[r['round']] / r['wall'] for r in runs.get(peer, []) if r['round'] in lr]
+        if per:
+            table[peer] = {'per_round': per, 'median': median(per)}
+    return table
+
+
+LOOPERS = ('looper', 'lean', 'watchfor')     # the Looper variants of the throughput job
+PEERS = ('sec', 'swatch', 'bare')
+
+
+def section_throughput(ctx, tools, results):
+    args = ctx.args
+    lines = ctx.meta['lines']
+    expected = ctx.meta['matches']
+    active = [t for t in tools if not t.skip]
+    warm(ctx.input)
+    runs, failed = run_rounds(ctx, active, args.rounds, max(120.0, lines / 2000.0), 'throughput')
+    summary = summarize(ctx, active, runs, lines)
+    ratios = {}         # Looper variant -> peer -> Looper / peer
+    for mine in LOOPERS:
+        if runs.get(mine):
+            ratios[mine] = pair_ratios(runs, mine, PEERS)
     mismatches = []
     for name, s in summary.items():
         if s['matches'] != [expected]:
@@ -1049,7 +1290,7 @@ def section_throughput(ctx, tools, results):
                                                           '/'.join(s['digests']), ctx.meta['digest']))
     results['throughput'] = {
         'lines': lines, 'expected_matches': expected, 'rounds': args.rounds,
-        'tools': summary, 'ratios': ratios, 'lean_ratios': lean_ratios,
+        'tools': summary, 'ratios': ratios,
         'failed': failed, 'mismatches': mismatches,
         'runs': {n: [{k: v for k, v in r.items() if k != 'samples'} for r in rs]
                  for n, rs in runs.items()},
@@ -1060,23 +1301,91 @@ def section_throughput(ctx, tools, results):
         ctx.looper_runs = runs['looper']
 
 
+def section_norules(ctx, results):
+    """NORULES syslog_in -> logfile_out (as shipped, and with the other
+    confirm setting) against syslog_in alone writing to /dev/null."""
+    args = ctx.args
+    lines = ctx.meta['lines']
+    tools = [NoRules(), NoRulesOther(), SyslogAlone()]
+    for t in tools:
+        t.prepare(ctx)
+        if t.skip:
+            log('skipping %s: %s', t.label, t.skip)
+    active = [t for t in tools if not t.skip]
+    warm(ctx.input)
+    runs, failed = run_rounds(ctx, active, args.rounds, max(120.0, lines / 2000.0), 'NORULES')
+    summary = summarize(ctx, active, runs, lines)
+    ratios = {}
+    for mine in ('norules', 'norules-alt'):
+        if runs.get(mine):
+            ratios[mine] = pair_ratios(runs, mine, ('syslog_in',))
+    mismatches = []
+    for name in ('norules', 'norules-alt'):
+        s = summary.get(name)
+        if s and s['matches'] != [lines]:
+            mismatches.append('%s: logfile_out wrote %s lines, expected %d' % (
+                s['label'], '/'.join(map(str, s['matches'])), lines))
+    results['norules'] = {
+        'lines': lines, 'rounds': args.rounds, 'order': [t.name for t in tools],
+        'tools': summary, 'ratios': ratios, 'failed': failed, 'mismatches': mismatches,
+        'skipped': {t.name: t.skip for t in tools if t.skip},
+        'runs': {n: [{k: v for k, v in r.items() if k != 'samples'} for r in rs]
+                 for n, rs in runs.items()},
+    }
+
+
 def section_startup(ctx, results):
+    """`--version` against `-c pass`, and a whole short batch run (the
+    examples/basic.conf job: syslog_in over the 50-line sample log into
+    logfile_out, NORULES) against `cat` of the same file into a file; the
+    four commands alternated, in an order rotated per repetition."""
     reps = ctx.args.startup_reps
-    cmds = [('python -c pass', [ctx.python, '-c', 'pass']),
-            ('looper.py --version', [ctx.python, ctx.looper, '--version'])]
-    times = {name: [] for name, _ in cmds}
+    sample = os.path.join(os.path.dirname(ctx.looper), 'examples', 'sample.log')
+    if not os.path.exists(sample):
+        sample = os.path.join(ROOT, 'examples', 'sample.log')
+    sample_lines = count_lines(sample)
+    batch_out = ctx.path('basic.out')
+    cat_out = ctx.path('cat.out')
+    conf = looper_conf(ctx, 'basic', 'NORULES', {'module': 'syslog_in', 'logfile': sample},
+                       [('out', {'module': 'logfile_out', 'filename': batch_out})])
+    why = looper_check(ctx, conf)
+    if why:
+        raise BenchError(why)
+    cmds = [('python -c pass', [ctx.python, '-c', 'pass'], None),
+            ('looper.py --version', [ctx.python, ctx.looper, '--version'], None),
+            ('cat', ['cat', sample], cat_out),
+            ('batch', [ctx.python, ctx.looper, conf], batch_out)]
+    times = {name: [] for name, _, _ in cmds}
     log('start-up: %d repetitions each...', reps)
     for i in range(reps):
-        for name, argv in (cmds if i % 2 == 0 else cmds[::-1]):
-            t0 = time.perf_counter()
-            rc = subprocess.call(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            times[name].append(time.perf_counter() - t0)
+        k = i % len(cmds)
+        for name, argv, out in cmds[k:] + cmds[:k]:
+            if out:
+                rm(out)
+            stdout = open(out, 'wb') if name == 'cat' else subprocess.DEVNULL
+            try:
+                t0 = time.perf_counter()
+                rc = subprocess.call(argv, stdout=stdout, stderr=subprocess.DEVNULL,
+                                     stdin=subprocess.DEVNULL, cwd=ctx.rundir)
+                times[name].append(time.perf_counter() - t0)
+            finally:
+                if stdout is not subprocess.DEVNULL:
+                    stdout.close()
             if rc != 0:
-                raise BenchError('`%s` exited %d' % (' '.join(argv), rc))
+                raise BenchError('`%s` exited %d%s' % (' '.join(argv), rc, (
+                    '\nlooper log:\n' + tail(ctx.path('basic.log'))) if name == 'batch' else ''))
+            if out and count_lines(out) != sample_lines:
+                raise BenchError('`%s` wrote %d lines, expected %d' % (
+                    ' '.join(argv), count_lines(out), sample_lines))
     base = median(times['python -c pass'])
     loop = median(times['looper.py --version'])
+    cat = median(times['cat'])
+    batch = median(times['batch'])
     results['startup'] = {'reps': reps, 'python_c_pass_ms': base * 1000,
                           'looper_version_ms': loop * 1000, 'ratio': loop / base,
+                          'cat_ms': cat * 1000, 'batch_ms': batch * 1000,
+                          'batch_ratio_cat': batch / cat, 'batch_ratio_pass': batch / base,
+                          'sample_lines': sample_lines, 'confirm': declared_confirm(ctx),
                           'times': times}
 
 
@@ -1161,7 +1470,7 @@ def section_latency(ctx, tools, results):
     conf = looper_conf(ctx, 'lat', rules, in_block,
                        [('out', {'module': lat_out, 'filename': res_path})])
     looper_tool = [t for t in tools if t.name == 'looper'][0]
-    burn = [[ctx.python, '-c', 'while True: pass']] * (os.cpu_count() or 1)
+    burn = [[ctx.python, '-c', 'while True: pass']] * len(cpus_allowed())
     stream = [looper_tool.argv(ctx)]
     # (name, through Looper?, background load)
     conditions = [('idle', True, None), ('cpu', True, burn), ('stream', True, stream),
@@ -1247,7 +1556,6 @@ def rss_profile(samples):
 
 
 def section_memory(ctx, tools, results):
-    args = ctx.args
     out = {}
     looper_tool = [t for t in tools if t.name == 'looper'][0]
     runs = getattr(ctx, 'looper_runs', None)
@@ -1264,44 +1572,158 @@ def section_memory(ctx, tools, results):
     prof['wall'] = run['wall']
     out['run'] = prof
 
-    # Stalled output.
+    # Stalled output: a module that never reads.
     stall = write_file(ctx.path('stall.sh'), STALL, 0o755)
-    fast_out = ctx.path('fast.out')
+    out['stalled'] = side_run(ctx, 'stalled', {'module': 'logfile_out', 'queuesize': '1000'},
+                              {'module': stall, 'queuesize': '1000', 'overflow': 'drop',
+                               'draintimeout': '1', 'closetimeout': '1'})
+    # A confirmed output at full speed beside a module that dies as soon
+    # as it is configured and waits restartdelay = 60 s to be restarted
+    # (a pending 60 s timer under a confirm deadline reset at every answer:
+    # this once piled cancelled timers up to 54 MB).
+    die = write_file(ctx.path('die.sh'), DIE, 0o755)
+    out['restarting'] = side_run(ctx, 'restarting',
+                                 {'module': 'logfile_out', 'queuesize': '1000', 'confirm': 'yes'},
+                                 {'module': die, 'queuesize': '1000', 'overflow': 'drop',
+                                  'restartdelay': '60', 'draintimeout': '1', 'closetimeout': '1'})
+    results['memory'] = out
+
+
+def side_run(ctx, name, fast, other):
+    """NORULES over the input file to two outputs: `fast` (a logfile_out
+    block, its filename added here) and `other` (the troubled one, which
+    drops).  Looper's RSS profile, its exit status (1 by design: events for
+    the other output were dropped), the counters it logged at the end, and
+    how many events the fast output wrote."""
+    args = ctx.args
+    fast_out = ctx.path(name + '-fast.out')
     rm(fast_out)
-    conf = looper_conf(ctx, 'stall', 'NORULES', {'module': 'syslog_in', 'logfile': ctx.input},
-                       [('fast', {'module': 'logfile_out', 'filename': fast_out, 'queuesize': '1000'}),
-                        ('stalled', {'module': stall, 'queuesize': '1000', 'overflow': 'drop',
-                                     'draintimeout': '1', 'closetimeout': '1'})])
-    log('memory: stalled output, %d events...', ctx.meta['lines'])
-    res = run_measured([ctx.python, ctx.looper, conf], stderr=ctx.path('stall.stderr'),
+    conf = looper_conf(ctx, name, 'NORULES', {'module': 'syslog_in', 'logfile': ctx.input},
+                       [('fast', dict(fast, filename=fast_out)), (name, other)])
+    log('memory: %s output beside a fast one, %d events...', name, ctx.meta['lines'])
+    res = run_measured([ctx.python, ctx.looper, conf], stderr=ctx.path(name + '.stderr'),
                        cwd=ctx.rundir, interval=args.sample_interval,
                        timeout=max(120.0, ctx.meta['lines'] / 2000.0))
     delivered = count_lines(fast_out)
     rm(fast_out)
-    sprof = rss_profile(res['samples']) or {}
-    sprof.update({'rc': res['rc'], 'wall': res['wall'], 'hwm_mb': res['rss_own_kb'] / 1024.0,
-                  'fast_delivered': delivered, 'events': ctx.meta['lines']})
+    prof = rss_profile(res['samples']) or {}
+    prof.update({'rc': res['rc'], 'wall': res['wall'], 'hwm_mb': res['rss_own_kb'] / 1024.0,
+                 'fast_delivered': delivered, 'events': ctx.meta['lines'],
+                 'fast': fast, 'other': other})
     try:
-        with open(ctx.path('stall.log'), 'rb') as f:
-            slog = f.read().decode('utf-8', 'replace')
+        with open(ctx.path(name + '.log'), 'rb') as f:
+            text = f.read().decode('utf-8', 'replace')
     except OSError:
-        slog = ''
-    m = re.findall(r'output\.stalled\.dropped=(\d+)', slog)
-    sprof['stalled_dropped'] = int(m[-1]) if m else None
-    sprof['drop_log'] = [l for l in slog.splitlines() if 'drop' in l.lower()][-3:]
-    out['stalled'] = sprof
-    log('  stalled: rc %d, %.2f s, fast got %d/%d, RSS peak %.1f MB, %s', res['rc'], res['wall'],
-        delivered, ctx.meta['lines'], sprof['hwm_mb'],
-        'flat' if sprof.get('flat') else 'NOT flat' if 'flat' in sprof else 'too short to tell')
+        text = ''
+    counters = {}
+    for k, v in re.findall(r'\b(output\.[\w-]+\.\w+)=(\d+)', text):
+        counters[k] = int(v)           # the last value logged wins
+    prof['counters'] = counters
+    prof['dropped'] = counters.get('output.%s.dropped' % name)
+    prof['restarts'] = counters.get('output.%s.restarts' % name)
+    log('  %s: rc %d, %.2f s, fast got %d/%d, RSS peak %.1f MB, %s', name, res['rc'], res['wall'],
+        delivered, ctx.meta['lines'], prof['hwm_mb'],
+        'flat' if prof.get('flat') else 'NOT flat' if 'flat' in prof else 'too short to tell')
     if res['rc'] < 0:
-        raise BenchError('stalled-output run died: `%s %s %s` %d\n%s' % (
-            ctx.python, ctx.looper, conf, res['rc'], tail(ctx.path('stall.log'))))
-    results['memory'] = out
+        raise BenchError('%s-output run died: `%s %s %s` %d\n%s' % (
+            name, ctx.python, ctx.looper, conf, res['rc'], tail(ctx.path(name + '.log'))))
+    return prof
+
+
+def _feed_fifo(fifo, path, hold):
+    """Write the file into the FIFO, hold it open `hold` s, close it."""
+    with open(fifo, 'wb') as out, open(path, 'rb') as f:
+        try:
+            shutil.copyfileobj(f, out, 1 << 16)
+            out.flush()
+            time.sleep(hold)
+        except BrokenPipeError:
+            pass
+
+
+def section_correlation(ctx, tools, results):
+    """Memory per key of the correlation helpers, beside SEC's: one run per
+    case with --keys distinct keys (all within the window), the RSS growth
+    over the same run without the helper call, divided by the keys."""
+    args = ctx.args
+    n = args.keys
+    hold = 0.3 if args.smoke else 1.0
+    keys_in = write_file(ctx.path('keys_in.py'), KEYS_IN % {'desc': KEY_DESC}, 0o755)
+    timeout = max(120.0, n / 2000.0)
+    out = {'keys': n, 'hold': hold, 'looper': {}, 'sec': {}}
+    for case in ('base', 'suppress', 'threshold'):
+        rules = write_file(ctx.path('keys-%s.rules' % case), KEY_RULES[case])
+        conf = looper_conf(ctx, 'keys-' + case, rules,
+                           {'module': keys_in, 'count': str(n), 'hold': str(hold)},
+                           [('out', {'module': 'logfile_out', 'filename': ctx.path('keys.out')})])
+        log('correlation: Looper, %s, %d keys...', case, n)
+        res = run_measured([ctx.python, ctx.looper, conf], stderr=ctx.path('keys.stderr'),
+                           cwd=ctx.rundir, interval=args.sample_interval, timeout=timeout)
+        if res['rc'] != 0:
+            raise BenchError('correlation run (%s) failed: `%s %s %s` exited %d\n%s' % (
+                case, ctx.python, ctx.looper, conf, res['rc'], tail(ctx.path('keys-%s.log' % case))))
+        out['looper'][case] = {'hwm_kb': res['rss_own_kb'], 'wall': res['wall'] - hold}
+        log('  %.2f s, RSS peak %.1f MB', res['wall'], res['rss_own_kb'] / 1024.0)
+    sec = [t for t in tools if t.name == 'sec' and getattr(t, 'exe', None)]
+    if sec:
+        path = ctx.path('keys.log')
+        with open(path, 'w') as f:
+            for start in range(0, n, 4096):
+                f.write(''.join('Mar  3 00:00:00 web01 %s\n' % key_desc(i)
+                                for i in range(start, min(n, start + 4096))))
+        warm(path)
+        fifo = ctx.path('keys.fifo')
+        for case in ('base', 'suppress', 'threshold'):
+            conf = write_file(ctx.path('keys-sec-%s.conf' % case), SEC_KEY_RULES[case])
+            log('correlation: SEC, %s, %d keys...', case, n)
+            argv = [sec[0].exe, '--conf=' + conf, '--input=-', '--notail', '--debug=3',
+                    '--log=/dev/null']
+            # SEC reads the file from a pipe that stays open `hold` s after
+            # the last line, so its plateau is sampled too.  (wait4's
+            # ru_maxrss cannot be used: on Linux it counts the forked copy of
+            # this script before the exec.)
+            rm(fifo)
+            os.mkfifo(fifo)
+            feeder = threading.Thread(target=_feed_fifo, args=(fifo, path, hold))
+            feeder.daemon = True
+            feeder.start()
+            res = run_measured(argv, stderr=ctx.path('keys-sec.stderr'), cwd=ctx.rundir,
+                               interval=args.sample_interval, timeout=timeout * 10, stdin=fifo)
+            feeder.join()
+            rm(fifo)
+            if res['rc'] != 0:
+                raise BenchError('`%s` exited %d\n%s' % (' '.join(argv), res['rc'],
+                                                         tail(ctx.path('keys-sec.stderr'))))
+            out['sec'][case] = {'hwm_kb': res['rss_own_kb'], 'wall': res['wall'] - hold}
+            log('  %.2f s, RSS peak %.1f MB', res['wall'], out['sec'][case]['hwm_kb'] / 1024.0)
+        rm(path)
+    for tool in ('looper', 'sec'):
+        r = out[tool]
+        for case in ('suppress', 'threshold'):
+            if case in r and 'base' in r:
+                r[case]['growth_mb'] = (r[case]['hwm_kb'] - r['base']['hwm_kb']) / 1024.0
+                r[case]['bytes_per_key'] = (r[case]['hwm_kb'] - r['base']['hwm_kb']) * 1024.0 / n
+    results['correlation'] = out
 
 
 ##############################################################################
 # Report
 ##############################################################################
+
+def cpus_allowed():
+    """The CPUs this process (and so every tool it starts) may run on."""
+    if hasattr(os, 'sched_getaffinity'):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def loadavg():
+    try:
+        with open('/proc/loadavg') as f:
+            return ' '.join(f.read().split()[:3])
+    except OSError:
+        return '?'
+
 
 def machine_info(ctx, tools):
     cpu = '?'
@@ -1313,9 +1735,11 @@ def machine_info(ctx, tools):
                     break
     except OSError:
         pass
-    info = {'cpu': cpu, 'nproc': os.cpu_count(), 'kernel': platform.system() + ' ' +
-            platform.release(), 'python': python_version(ctx.python),
-            'python_path': ctx.python, 'date': time.strftime('%Y-%m-%d')}
+    info = {'cpu': cpu, 'nproc': os.cpu_count(), 'cpus_allowed': cpus_allowed(),
+            'kernel': platform.system() + ' ' + platform.release(),
+            'python': python_version(ctx.python), 'python_path': ctx.python,
+            'date': time.strftime('%Y-%m-%d %H:%M'), 'loadavg_start': loadavg(),
+            'logfile_out_confirm': declared_confirm(ctx)}
     for t in tools:
         info[t.name] = t.version if not t.skip else '%s not run' % t.label
     return info
@@ -1325,83 +1749,147 @@ def fmt_ratio(x):
     return '%.2fx' % x
 
 
+def fmt_ratios(r):
+    """**median** (each round)"""
+    if not r:
+        return 'n/a'
+    return '**%s** (%s)' % (fmt_ratio(r['median']), ', '.join(fmt_ratio(x) for x in r['per_round']))
+
+
+VARIANTS = (('looper', 'rules without watchfor (as shipped: all tokens)'),
+            ('lean', 'rules without watchfor, `tokens = date node desc`'),
+            ('watchfor', 'the same rules with `watchfor`'))
+
+
+def _tool_rows(p, summary, order, last=None):
+    """Rows of the per-tool table; last(name) gives the last column."""
+    for name in order:
+        s = summary.get(name)
+        if not s:
+            continue
+        p.append('| %s | %.3f s | %s | %.2f s | %.1f MB | %.1f MB | %s |%s' % (
+            s['label'], s['wall_median'], '{:,.0f}'.format(s['lines_per_s']),
+            s['cpu_median'], s['rss_own_mb'], s['rss_tree_mb'],
+            '/'.join(map(str, s['matches'])) or '-',
+            ' %s |' % last(name) if last else ''))
+
+
+def _cpu_lines(p, summary, names):
+    for name in names:
+        s = summary.get(name)
+        if s and s['cpu_by_process']:
+            p.append('- %s: %s.' % (s['label'], ', '.join(
+                '%s %.2f s' % kv for kv in sorted(s['cpu_by_process'].items(),
+                                                  key=lambda kv: -kv[1]))))
+
+
+def _notes(p, section):
+    notes = ['- skipped %s: %s' % (name, why) for name, why in sorted(section['skipped'].items())]
+    notes += ['- **FAILED %s**: %s' % (name, why.replace('\n', '\n  '))
+              for name, why in sorted(section['failed'].items())]
+    if notes:
+        p.append('')
+        p.extend(notes)
+    if section['mismatches']:
+        p.append('')
+        p.append('**MATCH COUNT MISMATCH**: ' + '; '.join(section['mismatches']))
+
+
 def report(ctx, tools, results):
     p = []
     m = results['machine']
     p.append('## Looper benchmark (%s)' % m['date'])
     p.append('')
-    p.append('Machine: %s, %s CPUs, %s; Python %s (`%s`); %s; %s; %s.' % (
-        m['cpu'], m['nproc'], m['kernel'], m['python'], m['python_path'],
-        m.get('sec', 'sec not run'), m.get('swatch', 'swatch not run'),
-        m.get('looper', '?') if m.get('looper', '').lower().startswith('looper')
-        else 'Looper ' + m.get('looper', '?')))
+    allowed = m['cpus_allowed']
+    p.append('Machine: %s, %s CPUs%s, %s; load average %s at the start, %s at the end. '
+             'Python %s (`%s`); %s; %s; %s; logfile_out declares confirm = %s.' % (
+                 m['cpu'], m['nproc'],
+                 ' (this run pinned to CPU %s)' % ','.join(map(str, allowed))
+                 if len(allowed) < (m['nproc'] or 1) else '',
+                 m['kernel'], m['loadavg_start'], m.get('loadavg_end', '?'),
+                 m['python'], m['python_path'],
+                 m.get('sec', 'sec not run'), m.get('swatch', 'swatch not run'),
+                 m.get('looper', '?') if m.get('looper', '').lower().startswith('looper')
+                 else 'Looper ' + m.get('looper', '?'), m['logfile_out_confirm']))
     meta = ctx.meta
     p.append('Input: %s lines (%.1f MB), seed %d, %d matches (%.1f%%) of `%s`.' % (
         '{:,}'.format(meta['lines']), meta['bytes'] / 1e6, meta['seed'], meta['matches'],
         100.0 * meta['matches'] / max(1, meta['lines']), REGEX))
+    p.append('Command: `%s`.' % ' '.join(ctx.argv))
     if ctx.args.smoke:
         p.append('')
         p.append('**Smoke run**: the input is tiny, so times are start-up dominated and the '
                  'targets below say nothing about performance.')
+    header = ('| tool | median wall | lines/s | CPU (user+sys) | peak RSS proc | '
+              'peak RSS tree | lines out |')
+    rule = '|---|---:|---:|---:|---:|---:|---:|'
     tp = results.get('throughput')
     if tp:
         p.append('')
         p.append('### Throughput (%d round%s, tools alternated)' % (
             tp['rounds'], '' if tp['rounds'] == 1 else 's'))
         p.append('')
-        p.append('| tool | median wall | lines/s | CPU (user+sys) | peak RSS proc | '
-                 'peak RSS tree | matches | Looper / tool |')
-        p.append('|---|---:|---:|---:|---:|---:|---:|---:|')
-        for t in tools:
-            s = tp['tools'].get(t.name)
-            if not s:
+        p.append(header.replace('lines out', 'matches'))
+        p.append(rule)
+        _tool_rows(p, tp['tools'], [t.name for t in tools])
+        p.append('')
+        p.append('Looper wall / peer wall in the same round: **median of the rounds** '
+                 '(each round).')
+        p.append('')
+        p.append('| Looper | / SEC | / swatch | / bare Python loop |')
+        p.append('|---|---:|---:|---:|')
+        for name, what in VARIANTS:
+            r = tp['ratios'].get(name)
+            if r is None:
                 continue
-            r = tp['ratios'].get(t.name)
-            p.append('| %s | %.3f s | %s | %.2f s | %.1f MB | %.1f MB | %s | %s |' % (
-                s['label'], s['wall_median'], '{:,.0f}'.format(s['lines_per_s']),
-                s['cpu_median'], s['rss_own_mb'], s['rss_tree_mb'],
-                '/'.join(map(str, s['matches'])),
-                ('**%s** (rounds: %s)' % (fmt_ratio(r['median']),
-                                          ', '.join(fmt_ratio(x) for x in r['per_round'])))
-                if r else ('-' if t.name in ('looper', 'lean') else 'n/a')))
-        if tp.get('lean_ratios'):
-            p.append('')
-            p.append('Looper, tokens = date node desc (only the tokens the rules read) / tool: %s.'
-                     % ', '.join('%s **%s** (rounds: %s)' % (
-                         tp['tools'][name]['label'], fmt_ratio(r['median']),
-                         ', '.join(fmt_ratio(x) for x in r['per_round']))
-                         for name, r in sorted(tp['lean_ratios'].items())))
+            lim = TARGETS[name]
+            p.append('| %s (target %s) | %s | %s | %s |' % (
+                what, ', '.join('%s <= %gx' % (peer, lim[peer]) for peer in PEERS if peer in lim),
+                fmt_ratios(r.get('sec')), fmt_ratios(r.get('swatch')), fmt_ratios(r.get('bare'))))
         p.append('')
         p.append('Wall = fork to reap; CPU = user+sys of the tool and its reaped children '
                  '(os.wait4); RSS proc = peak (VmHWM) of the main process (Looper: looper.py '
                  'alone); RSS tree = peak sum of VmRSS over the process and its descendants '
-                 '(Looper + syslog_in + logfile_out), sampled every %g s.' % ctx.args.sample_interval)
-        lp = tp['tools'].get('looper')
-        if lp and lp['cpu_by_process']:
-            p.append('')
-            p.append('Looper CPU by process (median, from /proc at the last sample): %s.' % ', '.join(
-                '%s %.2f s' % kv for kv in sorted(lp['cpu_by_process'].items(),
-                                                 key=lambda kv: -kv[1])))
-        notes = ['- skipped %s: %s' % (name, why) for name, why in sorted(tp['skipped'].items())]
-        notes += ['- **FAILED %s**: %s' % (name, why.replace('\n', '\n  '))
-                  for name, why in sorted(tp['failed'].items())]
-        if notes:
-            p.append('')
-            p.extend(notes)
-        if tp['mismatches']:
-            p.append('')
-            p.append('**MATCH COUNT MISMATCH**: ' + '; '.join(tp['mismatches']))
+                 '(Looper + syslog_in + logfile_out), sampled every %g s. CPU by process '
+                 '(median, from /proc at the last sample):' % ctx.args.sample_interval)
+        p.append('')
+        _cpu_lines(p, tp['tools'], [n for n, _ in VARIANTS])
+        _notes(p, tp)
+    nr = results.get('norules')
+    if nr:
+        p.append('')
+        p.append('### NORULES: syslog_in -> logfile_out, every event unchanged (%d round%s, '
+                 'alternated)' % (nr['rounds'], '' if nr['rounds'] == 1 else 's'))
+        p.append('')
+        p.append(header + ' / syslog_in alone |')
+        p.append(rule + '---:|')
+        _tool_rows(p, nr['tools'], nr['order'],
+                   lambda name: fmt_ratios(nr['ratios'].get(name, {}).get('syslog_in'))
+                   if name in nr['ratios'] else '-')
+        p.append('')
+        p.append('syslog_in alone: `printf \'logfile=FILE\\n\' | PYTHON modules/syslog_in > '
+                 '/dev/null`. Lines out: lines in logfile_out\'s file (must be %s). CPU by process:'
+                 % '{:,}'.format(nr['lines']))
+        p.append('')
+        _cpu_lines(p, nr['tools'], ('norules', 'norules-alt'))
+        _notes(p, nr)
     su = results.get('startup')
     if su:
         p.append('')
-        p.append('### Start-up (median of %d, alternated)' % su['reps'])
+        p.append('### Start-up (median of %d, the four commands alternated)' % su['reps'])
         p.append('')
-        p.append('| command | median |')
-        p.append('|---|---:|')
-        p.append('| `python -c pass` | %.1f ms |' % su['python_c_pass_ms'])
-        p.append('| `python looper.py --version` | %.1f ms (%s, %+.1f ms) |' % (
+        p.append('| command | median | ratio |')
+        p.append('|---|---:|---:|')
+        p.append('| `python -c pass` | %.1f ms | |' % su['python_c_pass_ms'])
+        p.append('| `python looper.py --version` | %.1f ms | %s `-c pass` (%+.1f ms) |' % (
             su['looper_version_ms'], fmt_ratio(su['ratio']),
             su['looper_version_ms'] - su['python_c_pass_ms']))
+        p.append('| `cat sample.log > FILE` (%d lines) | %.1f ms | |' % (su['sample_lines'],
+                                                                      su['cat_ms']))
+        p.append('| `python looper.py basic.conf`: syslog_in -> logfile_out (confirm = %s), '
+                 'NORULES, the same %d lines | %.1f ms | %s `cat`, %s `-c pass` |' % (
+                     su['confirm'], su['sample_lines'], su['batch_ms'],
+                     fmt_ratio(su['batch_ratio_cat']), fmt_ratio(su['batch_ratio_pass'])))
     la = results.get('latency')
     if la:
         p.append('')
@@ -1411,7 +1899,7 @@ def report(ctx, tools, results):
         p.append('| condition | p50 | p99 | max |')
         p.append('|---|---:|---:|---:|')
         for name, c in la['conditions'].items():
-            busy = 'CPU load (%d busy processes)' % (os.cpu_count() or 1)
+            busy = 'CPU load (%d busy processes)' % len(cpus_allowed())
             what = {'idle': 'Looper, idle', 'cpu': 'Looper, ' + busy,
                     'stream': 'Looper, a second Looper streaming the throughput job',
                     'direct-idle': 'control: no Looper (input piped into output), idle',
@@ -1432,8 +1920,14 @@ def report(ctx, tools, results):
         p.append('| run | peak | at 25% | at 50% | at 75% | at end | flat (peak growth in 2nd half) |')
         p.append('|---|---:|---:|---:|---:|---:|---|')
         for name, what in (('run', 'throughput job, %s lines' % '{:,}'.format(meta['lines'])),
-                           ('stalled', 'stalled output (queuesize 1000, drop) + fast output (queuesize 1000)')):
-            r = me.get(name, {})
+                           ('stalled', 'NORULES; an output that never reads (queuesize 1000, '
+                                       'drop) beside logfile_out (queuesize 1000)'),
+                           ('restarting', 'NORULES; an output that dies at once, restartdelay '
+                                          '60 s (queuesize 1000, drop) beside logfile_out with '
+                                          'confirm = yes (queuesize 1000)')):
+            r = me.get(name)
+            if r is None:
+                continue
             if 'rss25_mb' in r:
                 p.append('| %s | %.1f MB | %.1f MB | %.1f MB | %.1f MB | %.1f MB | %s (%+.1f MB) |' % (
                     what, r['hwm_mb'], r['rss25_mb'], r['rss50_mb'], r['rss75_mb'],
@@ -1441,14 +1935,55 @@ def report(ctx, tools, results):
             else:
                 p.append('| %s | %.1f MB | - | - | - | - | too short to tell |' % (
                     what, r.get('hwm_mb', 0)))
-        st = me.get('stalled', {})
-        if st:
+        for name in ('stalled', 'restarting'):
+            st = me.get(name)
+            if not st:
+                continue
             p.append('')
-            p.append('Stalled run: exit status %d in %.2f s; the fast output received %d of %d '
-                     'events.' % (st['rc'], st['wall'], st['fast_delivered'], st['events']))
-            if st.get('stalled_dropped') is not None:
-                p.append('Looper counted %d events dropped for the stalled output.'
-                         % st['stalled_dropped'])
+            p.append('%s run: exit status %d in %.2f s (1 is expected: events for the %s output '
+                     'were dropped); logfile_out wrote %d of %d events; Looper counted %s dropped '
+                     'and %s restarts for the %s output.' % (
+                         name.capitalize(), st['rc'], st['wall'], name, st['fast_delivered'],
+                         st['events'], '?' if st['dropped'] is None else st['dropped'],
+                         '?' if st['restarts'] is None else st['restarts'], name))
+    co = results.get('correlation')
+    if co:
+        p.append('')
+        p.append('### Correlation state per key (%s distinct keys, all within the window)'
+                 % '{:,}'.format(co['keys']))
+        p.append('')
+        p.append('| case | Looper peak RSS | Looper growth | **Looper bytes/key** | SEC peak RSS | '
+                 'SEC growth | **SEC bytes/op** | Looper / SEC |')
+        p.append('|---|---:|---:|---:|---:|---:|---:|---:|')
+        lo, se = co['looper'], co['sec']
+        for case, what in (('base', 'baseline: the key read, no helper / SEC `Single`, no action'),
+                           ('suppress', '`suppress(key, 3600)` / SEC `SingleWithSuppress`, '
+                                        'window=3600'),
+                           ('threshold', '`threshold(key, 5, 3600)` / SEC `SingleWithThreshold`, '
+                                         'thresh=5 window=3600')):
+            a, b = lo.get(case), se.get(case)
+            if a is None:
+                continue
+
+            def cells(r):
+                if r is None:
+                    return ['n/a'] * 3
+                if 'bytes_per_key' not in r:
+                    return ['%.1f MB (%.1f s)' % (r['hwm_kb'] / 1024.0, r['wall']), '', '']
+                return ['%.1f MB (%.1f s)' % (r['hwm_kb'] / 1024.0, r['wall']),
+                        '%+.1f MB' % r['growth_mb'], '**%.0f**' % r['bytes_per_key']]
+            ratio = ''
+            if b and 'bytes_per_key' in a and 'bytes_per_key' in b and b['bytes_per_key'] > 0:
+                ratio = fmt_ratio(a['bytes_per_key'] / b['bytes_per_key'])
+            p.append('| %s | %s | %s |' % (what, ' | '.join(cells(a) + cells(b)), ratio))
+        p.append('')
+        p.append('Growth = peak RSS of the run minus the baseline run\'s (same events, no helper '
+                 'call); per key = growth / keys. Looper: looper.py\'s own VmHWM, events from a '
+                 'bench-written input module that holds its pipe open %g s at the end, so the '
+                 'plateau is sampled; SEC: its VmHWM, reading the same descs as syslog lines '
+                 'from a pipe held open the same way (`--input=- --notail`). Times are wall '
+                 'minus that hold. The key is the event\'s desc, %d bytes: `%s`.' % (
+                     co['hold'], len(key_desc(0)), key_desc(0)))
     tg = results.get('targets')
     if tg:
         p.append('')
@@ -1465,27 +2000,43 @@ def targets(ctx, results):
     out = []
 
     def add(target, measured, ok, perf=True):
-        result = 'n/a' if ok is None else 'PASS' if ok else 'FAIL'
+        result = 'reported (no target)' if ok is None else 'PASS' if ok else 'FAIL'
         if perf and ok is not None and ctx.args.smoke:
             result = '(%s: smoke run, not meaningful)' % result
         out.append({'target': target, 'measured': measured, 'result': result})
 
+    names = {'sec': 'SEC', 'swatch': 'swatch', 'bare': 'the bare Python loop'}
     tp = results.get('throughput')
     if tp:
-        for which, looper in (('ratios', 'Looper'),
-                              ('lean_ratios', 'Looper (tokens = date node desc)')):
-            if which == 'lean_ratios' and not tp.get(which):
+        for variant, what in VARIANTS:
+            r = tp['ratios'].get(variant)
+            if r is None:
                 continue
-            for name, label in (('sec', 'SEC'), ('swatch', 'swatch'), ('bare', 'bare Python loop')):
-                limit = TARGETS[name]
-                r = tp[which].get(name)
-                target = '%s <= %gx %s wall time' % (looper, limit, label)
-                if r:
-                    add(target, fmt_ratio(r['median']), r['median'] <= limit)
+            for peer in PEERS:
+                limit = TARGETS[variant].get(peer)
+                if limit is None:
+                    continue
+                target = 'Looper, %s: <= %gx %s' % (what, limit, names[peer])
+                if peer in r:
+                    add(target, fmt_ratio(r[peer]['median']), r[peer]['median'] <= limit)
                 else:
                     add(target, 'not run', None)
-        add('identical match counts', 'expected %d' % tp['expected_matches'],
+        add('identical match counts and hashes', 'expected %d' % tp['expected_matches'],
             not tp['mismatches'] and 'looper' in tp['tools'], perf=False)
+    nr = results.get('norules')
+    if nr:
+        for name in ('norules', 'norules-alt'):
+            r = nr['ratios'].get(name, {}).get('syslog_in')
+            s = nr['tools'].get(name)
+            if s is None:
+                continue
+            target = '%s <= %gx syslog_in alone' % (s['label'], TARGETS['norules'])
+            if r:
+                add(target, fmt_ratio(r['median']), r['median'] <= TARGETS['norules'])
+            else:
+                add(target, 'not run', None)
+        add('NORULES: logfile_out wrote every line', '%s lines' % '{:,}'.format(nr['lines']),
+            not nr['mismatches'] and not nr['failed'] and 'norules' in nr['tools'], perf=False)
     la = results.get('latency')
     if la and 'idle' in la['conditions']:
         p99 = la['conditions']['idle']['p99_ms']
@@ -1494,28 +2045,43 @@ def targets(ctx, results):
     me = results.get('memory')
     if me:
         r = me['run']
-        add('Looper RSS < %g MB' % TARGETS['rss_mb'], '%.1f MB' % r['hwm_mb'],
+        add('Looper RSS < %g MB (throughput job)' % TARGETS['rss_mb'], '%.1f MB' % r['hwm_mb'],
             r['hwm_mb'] < TARGETS['rss_mb'])
         if 'flat' in r:
             add('Looper RSS flat over the run', '%+.1f MB peak growth in 2nd half'
                 % r['growth_2nd_half_mb'], r['flat'])
-        st = me.get('stalled', {})
-        if 'flat' in st:
-            add('RSS flat (bounded) with a stalled output', '%+.1f MB peak growth in 2nd half'
-                % st['growth_2nd_half_mb'], st['flat'])
-        if st:
-            add('Looper RSS < %g MB with a stalled output' % TARGETS['rss_mb'],
+        for name, what in (('stalled', 'a stalled output'),
+                           ('restarting', 'a confirmed output beside one restarting after 60 s')):
+            st = me.get(name)
+            if not st:
+                continue
+            add('Looper RSS < %g MB with %s' % (TARGETS['rss_mb'], what),
                 '%.1f MB (%+.1f MB over the throughput run)' % (st['hwm_mb'],
                                                                 st['hwm_mb'] - r['hwm_mb']),
                 st['hwm_mb'] < TARGETS['rss_mb'])
-        if st:
-            add('other outputs unaffected by the stalled one', '%d/%d delivered' % (
+            if 'flat' in st:
+                add('Looper RSS flat with %s' % what, '%+.1f MB peak growth in 2nd half'
+                    % st['growth_2nd_half_mb'], st['flat'])
+            else:
+                add('Looper RSS flat with %s' % what, 'too short to tell', None)
+            add('logfile_out unaffected by %s' % what, '%d/%d delivered' % (
                 st['fast_delivered'], st['events']), st['fast_delivered'] == st['events'],
                 perf=False)
     su = results.get('startup')
     if su:
-        add('start-up <= %gx `python -c pass`' % TARGETS['startup'], fmt_ratio(su['ratio']),
-            su['ratio'] <= TARGETS['startup'])
+        add('start-up: `--version` <= %gx `python -c pass`' % TARGETS['startup'],
+            fmt_ratio(su['ratio']), su['ratio'] <= TARGETS['startup'])
+        add('start-up: a whole %d-line batch run (basic.conf) against `cat`' % su['sample_lines'],
+            '%.1f ms, %s `cat`, %s `-c pass`' % (su['batch_ms'], fmt_ratio(su['batch_ratio_cat']),
+                                                 fmt_ratio(su['batch_ratio_pass'])), None)
+    co = results.get('correlation')
+    if co:
+        for case in ('suppress', 'threshold'):
+            a, b = co['looper'].get(case, {}), co['sec'].get(case, {})
+            if 'bytes_per_key' in a:
+                add('memory per key, %s (issue 14: documented, beside SEC)' % case,
+                    '%.0f B/key (SEC: %s)' % (a['bytes_per_key'], '%.0f B/op' % b['bytes_per_key']
+                                             if 'bytes_per_key' in b else 'not run'), None)
     return out
 
 
@@ -1523,25 +2089,56 @@ def targets(ctx, results):
 # Main
 ##############################################################################
 
+SECTIONS = ('throughput', 'norules', 'startup', 'latency', 'memory', 'correlation')
+
+
+def parse_cpus(text):
+    """'0', '0,1', '0-3' -> a set of CPU numbers."""
+    cpus = set()
+    for part in text.split(','):
+        part = part.strip()
+        if '-' in part:
+            lo, hi = part.split('-', 1)
+            cpus.update(range(int(lo), int(hi) + 1))
+        elif part:
+            cpus.add(int(part))
+    if not cpus:
+        raise ValueError('no CPU named')
+    return cpus
+
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(description='Benchmark Looper against SEC, swatch and a '
-                                 'bare Python loop (see the docstring at the top of this file).')
+                                 'bare Python loop (see the docstring at the top of this file, '
+                                 'and bench/README.md).')
     ap.add_argument('--lines', type=int, help='syslog lines (default 1000000; 2000 with --smoke)')
     ap.add_argument('--seed', type=int, default=1, help='generator seed (default 1)')
-    ap.add_argument('--rounds', type=int, default=3, help='throughput rounds (default 3)')
+    ap.add_argument('--rounds', type=int, default=3,
+                    help='rounds of the throughput and NORULES sections (default 3)')
     ap.add_argument('--python', default=os.environ.get('LOOPER_PYTHON') or sys.executable,
-                    help='interpreter for Looper and the bare loop (default $LOOPER_PYTHON '
-                    'or this one: %(default)s)')
+                    help='interpreter for Looper, its modules and the bare loop (default '
+                    '$LOOPER_PYTHON or this one: %(default)s)')
     ap.add_argument('--looper', default=os.path.join(ROOT, 'looper.py'),
                     help='looper.py to measure (its modules/ beside it)')
-    ap.add_argument('--tools', default='looper,lean,sec,swatch,bare',
-                    help='comma-separated subset of looper,lean,sec,swatch,bare')
+    ap.add_argument('--tools', default='looper,lean,watchfor,sec,swatch,bare',
+                    help='throughput: comma-separated subset of looper,lean,watchfor,sec,swatch,bare')
+    ap.add_argument('--cpus', metavar='LIST',
+                    help="run everything on these CPUs only, as `taskset -c LIST` would: "
+                    "'0' for one CPU (small hosts have one)")
     ap.add_argument('--workdir', default=os.path.join(HERE, 'work'),
                     help='cache and scratch directory (default bench/work)')
-    ap.add_argument('--throughput', action='store_true', help='run the throughput section')
-    ap.add_argument('--startup', action='store_true', help='run the start-up section')
-    ap.add_argument('--latency', action='store_true', help='run the latency section')
-    ap.add_argument('--memory', action='store_true', help='run the memory section')
+    for name, what in (('throughput', 'the job against SEC, swatch and the bare loop'),
+                       ('norules', 'NORULES syslog_in -> logfile_out against syslog_in alone'),
+                       ('startup', '--version against -c pass, a short batch run against cat'),
+                       ('latency', 'one event at a time'),
+                       ('memory', "Looper's RSS over the run, with a stalled and with a "
+                                  "restarting output"),
+                       ('correlation', 'memory per key of suppress and threshold, beside SEC')):
+        ap.add_argument('--' + name, action='store_true', help='run the %s section: %s'
+                        % (name, what))
+    ap.add_argument('--keys', type=int,
+                    help='distinct keys of the correlation section (default 1000000; 2000 with '
+                    '--smoke)')
     ap.add_argument('--startup-reps', type=int, default=40)
     ap.add_argument('--latency-events', type=int, default=1000)
     ap.add_argument('--latency-warmup', type=int, default=50)
@@ -1549,13 +2146,15 @@ def parse_args(argv):
     ap.add_argument('--sample-interval', type=float, default=0.05,
                     help='RSS sampling period, seconds (default 0.05)')
     ap.add_argument('--smoke', action='store_true',
-                    help='tiny and fast: 2000 lines, 1 round, few repetitions, all sections')
+                    help='tiny and fast: 2000 lines and keys, 1 round, few repetitions, every '
+                    'section')
     ap.add_argument('--strict', action='store_true', help='exit 1 when a target is missed')
     ap.add_argument('--json', metavar='FILE', help='write raw results as JSON to FILE')
     ap.add_argument('--keep', action='store_true', help='keep the scratch directory')
     args = ap.parse_args(argv)
     if args.smoke:
         args.lines = args.lines or 2000
+        args.keys = args.keys or 2000
         args.rounds = 1
         args.startup_reps = 5
         args.latency_events = 100
@@ -1563,50 +2162,73 @@ def parse_args(argv):
         args.latency_interval = 0.002
         args.sample_interval = 0.01
     args.lines = args.lines or 1000000
-    if not (args.throughput or args.startup or args.latency or args.memory):
-        args.throughput = args.startup = args.latency = args.memory = True
-    if args.lines < 1 or args.rounds < 1:
-        ap.error('--lines and --rounds must be positive')
+    args.keys = args.keys or 1000000
+    if not any(getattr(args, name) for name in SECTIONS):
+        for name in SECTIONS:
+            setattr(args, name, True)
+    if args.lines < 1 or args.rounds < 1 or args.keys < 1:
+        ap.error('--lines, --rounds and --keys must be positive')
     args.tools = [t.strip() for t in args.tools.split(',') if t.strip()]
     for t in args.tools:
-        if t not in ('looper', 'lean', 'sec', 'swatch', 'bare'):
+        if t not in ('looper', 'lean', 'watchfor', 'sec', 'swatch', 'bare'):
             ap.error('unknown tool %r' % t)
+    if args.cpus is not None:
+        if not hasattr(os, 'sched_setaffinity'):
+            ap.error('--cpus needs sched_setaffinity (Linux); use taskset or cpuset instead')
+        try:
+            args.cpus = parse_cpus(args.cpus)
+        except ValueError as e:
+            ap.error('--cpus %s: %s' % (args.cpus, e))
     return args
 
 
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.cpus is not None:
+        # Inherited by every process started from here on.
+        os.sched_setaffinity(0, args.cpus)
     if not sys.platform.startswith('linux'):
         log('note: RSS figures need /proc (Linux); they will be missing here')
     os.makedirs(args.workdir, exist_ok=True)
     ctx = Ctx(args)
-    results = {'args': {k: v for k, v in vars(args).items()}}
+    ctx.argv = ['bench/bench.py'] + list(argv)
+    results = {'args': {k: (sorted(v) if isinstance(v, set) else v)
+                        for k, v in vars(args).items()}}
     problems = []
     try:
         ctx.input, ctx.meta = syslog_file(args.workdir, args.lines, args.seed)
         results['input'] = dict(ctx.meta, path=ctx.input)
-        classes = {'looper': Looper, 'lean': LooperLean, 'sec': Sec, 'swatch': Swatch, 'bare': Bare}
-        tools = [classes[n]() for n in ('looper', 'lean', 'sec', 'swatch', 'bare')
-                 if n in args.tools or n == 'looper']
+        classes = {'looper': Looper, 'lean': LooperLean, 'watchfor': LooperWatchfor, 'sec': Sec,
+                   'swatch': Swatch, 'bare': Bare}
+        order = ('looper', 'lean', 'watchfor', 'sec', 'swatch', 'bare')
+        # Looper and SEC are always prepared: the other sections use them.
+        tools = [classes[n]() for n in order if n in args.tools or n in ('looper', 'sec')]
         for t in tools:
             t.prepare(ctx)
             if t.name not in args.tools:
                 t.skip = t.skip or 'not selected (--tools)'
             if t.skip:
                 log('skipping %s: %s', t.label, t.skip)
-        looper_ok = not [t for t in tools if t.name == 'looper'][0].skip
+        looper = [t for t in tools if t.name == 'looper'][0]
+        looper_ok = not looper_missing(ctx) and not (looper.skip and
+                                                     looper.skip.startswith('FAILED'))
         if not looper_ok:
-            problems.append('Looper could not run: ' + tools[0].skip)
+            problems.append('Looper could not run: ' + (looper.skip or looper_missing(ctx)))
         results['machine'] = machine_info(ctx, tools)
         sections = []
         if args.throughput:
             sections.append(('throughput', lambda: section_throughput(ctx, tools, results)))
+        if looper_ok and args.norules:
+            sections.append(('norules', lambda: section_norules(ctx, results)))
         if looper_ok and args.startup:
             sections.append(('startup', lambda: section_startup(ctx, results)))
         if looper_ok and args.latency:
             sections.append(('latency', lambda: section_latency(ctx, tools, results)))
         if looper_ok and args.memory:
             sections.append(('memory', lambda: section_memory(ctx, tools, results)))
+        if looper_ok and args.correlation:
+            sections.append(('correlation', lambda: section_correlation(ctx, tools, results)))
         for name, fn in sections:
             try:
                 fn()
@@ -1614,10 +2236,12 @@ def main(argv=None):
                 log('%s section failed: %s', name, e)
                 problems.append('%s: %s' % (name, e))
                 results.setdefault('errors', {})[name] = str(e)
-        tp = results.get('throughput')
-        if tp:
-            problems.extend(tp['mismatches'])
-            problems.extend('%s: %s' % (n, e) for n, e in tp['failed'].items())
+        for name in ('throughput', 'norules'):
+            sec = results.get(name)
+            if sec:
+                problems.extend(sec['mismatches'])
+                problems.extend('%s: %s' % (n, e) for n, e in sec['failed'].items())
+        results['machine']['loadavg_end'] = loadavg()
         results['targets'] = targets(ctx, results)
         sys.stdout.write(report(ctx, tools, results))
         if problems:
