@@ -2880,7 +2880,30 @@ DECLARED_OUT = '''# /// looper
 '''
 
 
+def key_rows(lib):
+    """The README's key table rows, made from looper.py's one table of keys."""
+    rows = {}
+    for name, where, default, kind, low, high, help in lib._KEYS:
+        if default is None:
+            shown = 'none'
+        elif kind == 'bytes' and default >= 1048576:
+            shown = '`%d` (%d MiB)' % (default, default // 1048576)
+        elif isinstance(default, float):
+            shown = '`%g`' % default
+        else:
+            shown = '`%s`' % default
+        bounds = ' (%s to %s)' % (low, high) if kind in ('seconds', 'count', 'bytes') else ''
+        rows.setdefault(where, []).append('| `%s` | %s | %s%s |' % (name, shown, help, bounds))
+    return rows
+
+
 class TestOperator(object):
+
+    def test_the_readme_documents_every_key_as_the_table_in_looper_py_says(self):
+        readme = read(os.path.join(HERE, 'README.md'))
+        for where, rows in key_rows(load_looper()).items():
+            table = '\n'.join(rows)
+            assert table in readme, 'README.md lacks this table (%s keys):\n%s' % (where, table)
 
     def test_an_output_that_cannot_write_makes_the_run_fail(self, tmp):
         """Issue 11.1: an output whose file cannot be opened, or is full:
@@ -3041,6 +3064,25 @@ class TestOperator(object):
         looper.signal(signal.SIGUSR1)
         looper.wait()
         assert re.search(r'INFO counters: events_in=', looper.log()), looper.log()
+
+    def test_a_pipeline_into_head_ends_promptly_and_quietly(self, tmp):
+        """Issue 11.3 (and 12.6): `looper.py examples/pipe.conf < big.log |
+        head -2` took 10 s, restarted the output against the closed pipe and
+        reported 4214 events lost (or never ended)."""
+        big = os.path.join(tmp, 'big.log')
+        write(big, ''.join('Nov 22 07:00:%02d gw%d sshd[%d]: Failed password for root from '
+                           '10.0.0.%d port 22 ssh2\n' % (i % 60, i % 2, i, i % 250)
+                           for i in range(200000)))
+        t0 = time.monotonic()
+        p = subprocess.run('set -o pipefail; %s %s %s < %s | head -2' % (
+            PY, LOOPER, os.path.join(EXAMPLES, 'pipe.conf'), big), shell=True,
+            executable='/bin/bash', stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            universal_newlines=True, timeout=DEADLINE)
+        took = time.monotonic() - t0
+        assert len(p.stdout.splitlines()) == 2
+        assert took < 5, took
+        assert p.stderr == '', p.stderr          # pipe.conf logs warnings only: none
+        assert p.returncode == 1                 # not everything was delivered
 
     def test_progress_on_a_terminal_and_nothing_of_it_elsewhere(self, tmp):
         """Issue 11.3: a large replay was silent for minutes."""
@@ -3609,6 +3651,79 @@ class TestWatchfor(object):
         for name in ('big', 'small'):
             got = read(os.path.join(tmp, name + '.bin'))
             assert got.split('configure\n', 1)[1] == data + 'quit\n', name
+
+
+##############################################################################
+# The module skeleton: one protocol block, byte for byte, in every module
+##############################################################################
+
+PROTOCOL_BEGIN = '# ----- Looper module protocol: the same, byte for byte, in every shipped module -----'
+PROTOCOL_END = '# ----- end of the Looper module protocol -----'
+SHARED_BLOCKS = [
+    ('# ----- RELP codec: the same, byte for byte, in syslog_in and syslog_out -----',
+     '# ----- end of the RELP codec -----', ('syslog_in', 'syslog_out')),
+    ('# ----- SNMP BER codec: the same, byte for byte, in snmptrap_in and snmptrap_out -----',
+     '# ----- end of the SNMP BER codec -----', ('snmptrap_in', 'snmptrap_out')),
+]
+
+
+def python_modules():
+    """Every Python module shipped or given as an example: {name: path}."""
+    found = {}
+    for directory in (MODULES, os.path.join(EXAMPLES, 'modules')):
+        for name in sorted(os.listdir(directory)):
+            path = os.path.join(directory, name)
+            if os.path.isfile(path) and read(path).startswith('#!/usr/bin/env python3'):
+                found[name] = path
+    return found
+
+
+def block_of(path, begin, end):
+    text = read(path)
+    assert text.count(begin) == 1 and text.count(end) == 1, (path, begin)
+    return text[text.index(begin):text.index(end) + len(end)]
+
+
+class TestModuleSkeleton(object):
+
+    def test_the_protocol_block_is_the_same_in_every_module(self):
+        canonical = block_of(os.path.join(EXAMPLES, 'modules', 'template_out'),
+                             PROTOCOL_BEGIN, PROTOCOL_END)
+        modules = python_modules()
+        assert set(modules) >= {'syslog_in', 'logfile_out', 'snmptrap_in', 'snmptrap_out',
+                                'syslog_out', 'socket_in', 'socket_out', 'email_out',
+                                'alertmanager_out', 'template_in', 'template_out'}, modules
+        for name, path in modules.items():
+            assert block_of(path, PROTOCOL_BEGIN, PROTOCOL_END) == canonical, name
+
+    def test_shared_codecs_are_the_same_in_the_modules_that_carry_them(self):
+        for begin, end, names in SHARED_BLOCKS:
+            blocks = [block_of(os.path.join(MODULES, name), begin, end) for name in names]
+            assert blocks[0] == blocks[1], names
+
+    @pytest.mark.parametrize('name', sorted(python_modules()))
+    def test_every_module_documents_itself_and_declares_what_check_needs(self, name, tmp):
+        path = python_modules()[name]
+        source = read(path)
+        assert os.access(path, os.X_OK)
+        p = subprocess.run([PY, path, '--help'], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           universal_newlines=True, timeout=DEADLINE, cwd=tmp)
+        assert p.returncode == 0 and p.stdout.startswith(name + ':'), (name, p.stdout[:200])
+        assert os.listdir(tmp) == []                # --help starts nothing, writes nothing
+        # A raw docstring: a by-hand example reads the same in the file and in --help.
+        assert re.search(r'^r"""%s:' % re.escape(name), source, re.M), name
+        lib = load_looper()
+        errors = []
+        declaration = lib._read_declaration(source.encode(), path,
+                                            lambda *a: errors.append(a))
+        assert errors == [] and declaration and declaration.get('kind') in ('input', 'output'), \
+            (name, declaration, errors)
+        for key in declaration.get('keys', '').split():
+            assert re.search(r'\b%s\b' % re.escape(key), p.stdout), \
+                '%s declares %r but its --help does not document it' % (name, key)
+        p = subprocess.run([PY, path, '--bogus'], stdin=subprocess.DEVNULL,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=DEADLINE)
+        assert p.returncode == 78 and b'takes no arguments' in p.stderr, (name, p.stderr)
 
 
 ##############################################################################
