@@ -225,9 +225,16 @@ smtp_receive_timeout = %(receive_timeout)s
 # default queues them after the 10th, for a queue runner we do not start).
 smtp_accept_queue_per_connection = 0
 acl_smtp_rcpt = acl_rcpt
+acl_smtp_mail = acl_mail
 %(tls)s
 
 begin acl
+acl_mail:
+  deny    senders = needauth@example.org
+          !authenticated = *
+          message = 530 authentication required
+  accept
+
 acl_rcpt:
   defer   local_parts = busy
           condition = ${if exists{%(state)s/busy.seen}{no}{yes}}
@@ -930,6 +937,13 @@ class TestEmailOutSmtp(object):
             assert 'CERTIFICATE_VERIFY_FAILED' in answers[1] and '<4>email_out: TLS' in stderr
             assert len(server.mails()) == 2
 
+    def test_a_server_that_wants_a_login_is_an_error_and_a_warning(self, tmp, exim):
+        answers, stderr, status = run_module(EMAIL_OUT, tmp, smtp(exim), [
+            {'mailto': 'a@x', 'mailfrom': 'needauth@example.org'}])
+        assert answers[1] == 'error 127.0.0.1:%d wants a login (530 authentication required): ' \
+            'set username and passwordfile' % exim.port, answers
+        assert '<4>email_out: 127.0.0.1:%d wants a login' % exim.port in stderr
+
     def test_starttls_required_but_not_offered_is_an_error(self, tmp, exim):
         answers, stderr, status = run_module(EMAIL_OUT, tmp, smtp(exim, starttls='yes'),
                                              [{'mailto': 'a@x'}])
@@ -1339,7 +1353,8 @@ class TestAlertmanagerOutInLooper(object):
         events = [{'alertname': 'Many', 'n': str(i), 'summary': 'event %d' % i}
                   for i in range(300)]
         conf = events_looper_conf(tmp, events, "am {\n module = alertmanager_out\n url = %s\n"
-                                  " confirm = yes\n%s}\n" % (cluster.urls(), FAST))
+                                  " confirm = yes\n draintimeout = 30\n%s}\n"
+                                  % (cluster.urls(), FAST))
         looper = Looper(conf)
         assert looper.wait() == 0, looper.log()
         assert confirmed(counters(looper.log()), 'am') == 300
@@ -1355,11 +1370,12 @@ class TestAlertmanagerOutInLooper(object):
 class TestMailAlertRates(object):
 
     def test_mails_per_second_through_looper(self, tmp, exim):
-        n = 200
+        n = 100
         conf = events_looper_conf(tmp, [{'mailto': 'ops@example.org', 'mailsubject': 'n%d' % i,
                                          'mailbody': 'line 1\nline 2'} for i in range(n)],
                                   "o {\n module = email_out\n smtphost = 127.0.0.1\n"
-                                  " smtpport = %d\n confirm = yes\n}\n" % exim.port)
+                                  " smtpport = %d\n confirm = yes\n draintimeout = 60\n}\n"
+                                  % exim.port)
         started = time.monotonic()
         looper = Looper(conf)
         assert looper.wait(60) == 0, looper.log()
@@ -1371,11 +1387,11 @@ class TestMailAlertRates(object):
         assert exim.connections() == 1
 
     def test_alerts_per_second_through_looper(self, tmp, cluster):
-        n = 3000
+        n = 2000
         conf = events_looper_conf(tmp, [{'alertname': 'Rate', 'n': str(i), 'node': 'gw1',
                                          'summary': 'event %d' % i} for i in range(n)],
                                   "am {\n module = alertmanager_out\n url = %s\n"
-                                  " confirm = yes\n}\n" % cluster.urls())
+                                  " confirm = yes\n draintimeout = 60\n}\n" % cluster.urls())
         started = time.monotonic()
         looper = Looper(conf)
         assert looper.wait(60) == 0, looper.log()
@@ -1384,3 +1400,30 @@ class TestMailAlertRates(object):
         print('\nalertmanager_out: %d alerts through Looper to 2 Alertmanagers in %.2f s: '
               '%.0f alerts/s' % (n, elapsed, n / elapsed))
         assert len(cluster.labels(1, alertname='Rate')) == n
+
+    def test_mails_per_second_module_alone(self, tmp, exim):
+        n = 100
+        mod = Module(EMAIL_OUT, tmp, smtp(exim))
+        assert mod.answers(1) == ['ok']
+        started = time.monotonic()
+        mod.events(*[{'mailto': 'ops@example.org', 'mailsubject': 'n%d' % i,
+                      'mailbody': 'line 1\nline 2'} for i in range(n)])
+        assert mod.answers(n) == ['ok'] * n
+        elapsed = time.monotonic() - started
+        assert mod.close() == 0
+        print('\nemail_out alone: %d mails written at once, to Exim in %.2f s: %.0f mails/s'
+              % (n, elapsed, n / elapsed))
+
+    def test_alerts_per_second_module_alone_in_batches(self, tmp, cluster):
+        n = 10000
+        mod = Module(ALERTMANAGER_OUT, tmp, {'url': cluster.urls()})
+        assert mod.answers(1) == ['ok']
+        started = time.monotonic()
+        mod.events(*[{'alertname': 'Alone', 'n': str(i), 'node': 'gw1',
+                      'summary': 'event %d' % i} for i in range(n)])
+        assert mod.answers(n) == ['ok'] * n
+        elapsed = time.monotonic() - started
+        assert mod.close() == 0
+        print('\nalertmanager_out alone: %d alerts written at once, to 2 Alertmanagers in %.2f s: '
+              '%.0f alerts/s' % (n, elapsed, n / elapsed))
+        assert len(cluster.labels(0, alertname='Alone')) == n
