@@ -651,7 +651,7 @@ class TestEmailOutUnits(object):
     @pytest.mark.parametrize('bad', [
         '-oQ/tmp', '|/bin/sh', 'a@', '@x.org', 'a@b@c', 'a@-x', 'a@.x', 'x <a@b', 'a@x.org>',
         'J <a b@x>', '"unterminated <a@x>', 'a\x00b@x', 'a@x\x07', 'a(comment)@x', 'a;b@x',
-        '<-oX@x>', 'J <|cmd>'])
+        '<-oX@x>', 'J <|cmd>', '/tmp/file', '+folder', 'a/b@x', 'J </etc/passwd>'])
     def test_malformed_addresses_are_refused(self, bad):
         m = load(EMAIL_OUT)
         with pytest.raises(ValueError):
@@ -663,7 +663,7 @@ class TestEmailOutUnits(object):
         m = load(EMAIL_OUT)
         rng = random.Random(10)
         seeds = ['a@x.org, "Doe, J" <j@x.org> ', 'root b@y', 'Zoé <z@x>', '<a@b>']
-        alphabet = 'ab@.,<>" \\\t-|;:()[]é\x00\x7f'
+        alphabet = 'ab@.,<>" \\\t-|+/;:()[]é\x00\x7f'
         for i in range(5000):
             if i % 2:
                 text = ''.join(rng.choice(alphabet) for _ in range(rng.randrange(30)))
@@ -678,7 +678,7 @@ class TestEmailOutUnits(object):
                 continue
             for name, address in result:
                 assert m._ADDRESS.match(address), (text, address)
-                assert address[0] not in '-|' and not re.search(r'[\s<>",]', address), text
+                assert address[0] not in '-|+' and not re.search(r'[\s<>",/]', address), text
 
     def test_a_mail_has_mime_headers_utf8_and_the_body_lines(self):
         m = load(EMAIL_OUT)
