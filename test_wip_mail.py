@@ -1218,6 +1218,7 @@ class TestAlertmanagerOutUnits(object):
         ({'url': 'http://am1:9093 ftp://am2'}, "'ftp://am2' is not"),
         ({'url': 'http://am1:99999'}, 'bad port'),
         ({'url': 'http://am1', 'annotations': 'summary run-book'}, "'run-book' is not a valid"),
+        ({'url': 'http://am1', 'annotations': 'alertname'}, 'the one label an alert must have'),
         ({'url': 'http://am1', 'timeout': '0'}, 'timeout must be'),
         ({'url': 'http://am1', 'cafile': 'missing.pem'}, 'not a file'),
         ({'url': 'http://am1', 'confirm': 'sure'}, 'yes or no'),
