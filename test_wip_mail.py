@@ -358,18 +358,36 @@ class Exim(object):
         assert self.proc.poll() is None, 'exim exited: %s' % self.log()
         return self
 
-    def stop(self):
-        """SIGTERM to the daemon's process group (its children too), then
-        SIGKILL if it lingers; the state directory removed."""
+    def _group_gone(self):
         try:
-            if self.proc and self.proc.poll() is None:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                try:
-                    self.proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                    self.proc.wait(DEADLINE)
+            os.killpg(self.proc.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:     # a member that changed its user: still there
+            pass
+        return False
+
+    def stop(self):
+        """SIGTERM to the daemon's process group (its reception and delivery
+        children too), SIGKILL to what is left after 5 s, and only once the
+        whole group is gone (they write to the log as they go) the state
+        directory removed."""
+        try:
             if self.proc:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+                try:
+                    self.proc.wait(5)   # reaped, the leader no longer counts in its group
+                    wait_until(self._group_gone, 5, 'exim and its children to exit')
+                except (subprocess.TimeoutExpired, AssertionError):
+                    try:
+                        os.killpg(self.proc.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                    self.proc.wait(DEADLINE)
+                    wait_until(self._group_gone, what='exim killed')
                 self._out.close()
         finally:
             shutil.rmtree(self.state, ignore_errors=True)
