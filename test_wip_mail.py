@@ -359,13 +359,28 @@ class Exim(object):
         return self
 
     def _group_gone(self):
-        try:
-            os.killpg(self.proc.pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:     # a member that changed its user: still there
-            pass
-        return False
+        """No live process is left in the daemon's process group.  Zombies
+        do not count; those that are ours (orphans reparented to this
+        process, as seen here) are reaped."""
+        for entry in os.listdir('/proc'):
+            if not entry.isdigit():
+                continue
+            try:
+                with open('/proc/%s/stat' % entry) as f:
+                    fields = f.read().rsplit(')', 1)[1].split()
+            except OSError:
+                continue
+            state, ppid, pgid = fields[0], int(fields[1]), int(fields[2])
+            if pgid != self.proc.pid:
+                continue
+            if state != 'Z':
+                return False
+            if ppid == os.getpid():
+                try:
+                    os.waitpid(int(entry), os.WNOHANG)
+                except ChildProcessError:
+                    pass
+        return True
 
     def stop(self):
         """SIGTERM to the daemon's process group (its reception and delivery
@@ -1143,7 +1158,8 @@ class TestEmailOutInLooper(object):
             "o {\n module = email_out\n smtphost = 127.0.0.1\n smtpport = %d\n"
             " confirm = yes\n retrydelay = 0.1\n%s}\n" % (exim.port, FAST))
         looper = Looper(conf)
-        assert looper.wait() == 0, looper.log()
+        assert looper.wait() == 1, looper.log()         # not every event was delivered
+        assert 'not every event was delivered: 2 rejected' in looper.log()
         assert sorted(m['Subject'] for m in exim.wait_mails(2)) == ['n1', 'n3']
         c = counters(looper.log())
         assert c['output.o.rejected'] == 2 and confirmed(c, 'o') == 2, c
@@ -1420,11 +1436,9 @@ class TestAlertmanagerOutInLooper(object):
             assert oom['labels']['severity'] == 'critical'
             assert oom['annotations']['summary'] == 'Out of memory on prometheus: killed java'
             assert 'Out of memory: Killed process 31337 (java)' in oom['annotations']['description']
-        # LinkDown on gw1 fired and was resolved: not active, but notified both ways.
-        hook = cluster.webhook
-        link = {'alertname': 'LinkDown', 'node': 'gw1', 'interface': 'eth1', 'severity': 'warning'}
-        wait_until(lambda: ('resolved', link) in hook.alerts(), what='LinkDown resolved: %r'
-                   % hook.received)
+        # LinkDown on gw1 fired and was resolved: it is not active (above).
+        # (Alertmanager notifies a resolved alert only if it notified it
+        # firing; these two come within group_wait, often in one POST.)
         assert confirmed(c, 'alertmanager') == 9, c
 
     def test_bad_alerts_are_rejected_and_counted(self, tmp, cluster):
@@ -1437,9 +1451,10 @@ class TestAlertmanagerOutInLooper(object):
             "am {\n module = alertmanager_out\n url = %s\n confirm = yes\n%s}\n"
             % (cluster.urls(), FAST))
         looper = Looper(conf)
-        assert looper.wait() == 0, looper.log()
+        assert looper.wait() == 1, looper.log()         # not every event was delivered
         c = counters(looper.log())
         assert c['output.am.rejected'] == 2 and confirmed(c, 'am') == 2, c
+        assert 'not every event was delivered: 2 rejected' in looper.log()
         assert 'no alertname' in looper.log() and 'generatorURL' in looper.log()
         for i in (0, 1):
             assert sorted(l['n'] for l in cluster.labels(i, alertname='Good')) == ['0', '2']
