@@ -212,6 +212,8 @@ log_selector = +smtp_connection
 # Exim clears its environment; say so, or it warns at every start.
 keep_environment =
 local_interfaces = 127.0.0.1
+# A port already taken: give up at once (default: 9 more tries, 30 s apart).
+daemon_startup_retries = 0
 # No reverse DNS and no ident lookups for the client: no waiting on DNS.
 host_lookup =
 rfc1413_hosts =
@@ -323,18 +325,13 @@ class Exim(object):
             user = pwd.getpwuid(os.geteuid()).pw_name
         self.user = user
         self.group = grp.getgrgid(pwd.getpwnam(user).pw_gid).gr_name
-        self.port = free_tcp_port()
-        self.smtps = free_tcp_port() if tls else None
+        self.tls, self.receive_timeout = tls, receive_timeout
         for sub in ('spool', 'log', 'maildir'):
             os.mkdir(os.path.join(self.state, sub))
         self.cert = None
         if tls:
             self.cert, _ = make_certificate(self.state)
-        self.conf = write(os.path.join(self.state, 'exim.conf'), EXIM_CONF % {
-            'user': user, 'group': self.group, 'state': self.state, 'touch': self.touch,
-            'receive_timeout': receive_timeout, 'password': EXIM_PASSWORD,
-            'tls': (EXIM_TLS % {'state': self.state, 'smtps': self.smtps}) if tls
-            else 'tls_advertise_hosts =\n'})
+        self.conf = os.path.join(self.state, 'exim.conf')
         self.sendmail = write(os.path.join(self.state, 'sendmail'),
                               '#!/bin/sh\nexec %s -C %s "$@"\n' % (self.exim, self.conf), 0o755)
         if os.geteuid() == 0:
@@ -343,20 +340,44 @@ class Exim(object):
                 for name in dirs + files:
                     os.chown(os.path.join(base, name), uid, gid)
             os.chown(self.state, uid, gid)
-            os.chown(self.conf, 0, 0)       # Exim wants its -C file owned by root or exim
             os.chown(self.sendmail, 0, 0)
         self.proc = None
+        self._out = None
+
+    def _configure(self):
+        """Free ports, and the configuration that names them."""
+        self.port = free_tcp_port()
+        self.smtps = free_tcp_port() if self.tls else None
+        write(self.conf, EXIM_CONF % {
+            'user': self.user, 'group': self.group, 'state': self.state, 'touch': self.touch,
+            'receive_timeout': self.receive_timeout, 'password': EXIM_PASSWORD,
+            'tls': (EXIM_TLS % {'state': self.state, 'smtps': self.smtps}) if self.tls
+            else 'tls_advertise_hosts =\n'})
+        if os.geteuid() == 0:
+            os.chown(self.conf, 0, 0)       # Exim wants its -C file owned by root or exim
 
     def start(self):
-        ports = '%d:%d' % (self.port, self.smtps) if self.smtps else str(self.port)
-        self._out = open(os.path.join(self.state, 'exim.stderr'), 'wb')
-        self.proc = subprocess.Popen([self.exim, '-C', self.conf, '-bdf', '-oX', ports],
-                                     stdin=subprocess.DEVNULL, stdout=self._out,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        wait_until(lambda: self.proc.poll() is not None or accepts(self.port),
-                   what='exim listening on %d' % self.port)
-        assert self.proc.poll() is None, 'exim exited: %s' % self.log()
-        return self
+        """Started and listening.  A port taken between picking it and
+        Exim's bind (other tests run meanwhile) means new ports, at most
+        three times."""
+        for attempt in range(3):
+            self._configure()
+            ports = '%d:%d' % (self.port, self.smtps) if self.smtps else str(self.port)
+            if self._out:
+                self._out.close()
+            self._out = open(os.path.join(self.state, 'exim.stderr'), 'wb')
+            self.proc = subprocess.Popen([self.exim, '-C', self.conf, '-bdf', '-oX', ports],
+                                         stdin=subprocess.DEVNULL, stdout=self._out,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+            # Its own word that it listens (a port that accepts could be someone else's).
+            wait_until(lambda: self.proc.poll() is not None or re.search(
+                r'daemon started: .*listening for SMTP on \[127\.0\.0\.1\]:%d\b' % self.port,
+                self.log()), what='exim listening on %d' % self.port)
+            if self.proc.poll() is None:
+                return self
+            if 'Address already in use' not in self.log():
+                break
+        raise AssertionError('exim exited: %s' % self.log())
 
     def _group_gone(self):
         """No live process is left in the daemon's process group.  Zombies
@@ -403,6 +424,7 @@ class Exim(object):
                         pass
                     self.proc.wait(DEADLINE)
                     wait_until(self._group_gone, what='exim killed')
+            if self._out:
                 self._out.close()
         finally:
             shutil.rmtree(self.state, ignore_errors=True)
@@ -554,6 +576,21 @@ class AlertmanagerCluster(object):
         return ' '.join(self.url(i) for i in range(len(self.web)))
 
     def start(self):
+        """All started, each seeing every peer.  A port taken between
+        picking it and the bind (other tests run meanwhile) means new
+        ports for all, at most three times."""
+        for attempt in range(3):
+            try:
+                return self._start()
+            except AssertionError:
+                logs = ''.join(self.log(i) for i in range(len(self.web)))
+                self.stop()
+                if attempt == 2 or 'address already in use' not in logs:
+                    raise
+                self.web = [free_tcp_port() for _ in self.web]
+                self.gossip = [free_tcp_port() for _ in self.gossip]
+
+    def _start(self):
         for i in range(len(self.web)):
             storage = os.path.join(self.directory, 'am%d' % i)
             os.makedirs(storage, exist_ok=True)
@@ -570,9 +607,11 @@ class AlertmanagerCluster(object):
             self.procs[i] = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
                                              stderr=subprocess.STDOUT)
         for i in range(len(self.web)):
-            wait_until(lambda: self._peers(i) == len(self.web),
-                       what='alertmanager %d ready with %d peers; its log:\n%s'
-                       % (i, len(self.web), self.log(i)))
+            try:
+                wait_until(lambda: self._peers(i) == len(self.web),
+                           what='alertmanager %d ready with %d peers' % (i, len(self.web)))
+            except AssertionError as e:
+                raise AssertionError('%s; its log:\n%s' % (e, self.log(i)))
         return self
 
     def _peers(self, i):
@@ -614,6 +653,7 @@ class AlertmanagerCluster(object):
                     proc.wait(DEADLINE)
         for log in self._logs:
             log.close()
+        self._logs = []
 
 
 @pytest.fixture
