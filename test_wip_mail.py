@@ -1537,7 +1537,7 @@ class TestMailAlertRates(object):
         assert exim.connections() == 1
 
     def test_alerts_per_second_through_looper(self, tmp, cluster):
-        n = 2000
+        n = 5000
         conf = events_looper_conf(tmp, [{'alertname': 'Rate', 'n': str(i), 'node': 'gw1',
                                          'summary': 'event %d' % i} for i in range(n)],
                                   "am {\n module = alertmanager_out\n url = %s\n"
