@@ -32,7 +32,7 @@ import urllib.request
 import pytest
 
 from test_looper import (wait_until, need, write, config, read, Looper, counters, py_module,
-                         PY, HERE, MODULES, EXAMPLES, IN_CI, DEADLINE, FAST, tmp)  # noqa: F401
+                         PY, HERE, MODULES, EXAMPLES, DEADLINE, FAST, tmp)  # noqa: F401
 
 EMAIL_OUT = os.path.join(MODULES, 'email_out')
 ALERTMANAGER_OUT = os.path.join(MODULES, 'alertmanager_out')
@@ -48,14 +48,6 @@ def free_tcp_port():
     port = s.getsockname()[1]
     s.close()
     return port
-
-
-def accepts(port):
-    try:
-        socket.create_connection(('127.0.0.1', port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 def load(path):
