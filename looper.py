@@ -33,6 +33,7 @@ if sys.version_info < (3, 6):
 
 import collections
 import errno
+import bisect
 import heapq
 import itertools
 import logging
@@ -340,6 +341,10 @@ _KEYS = (
     ('rulestimeout', 'top', RULES_TIMEOUT, 'seconds', 0.01, 86400,
      'seconds the rules may spend on one event before they are interrupted and the event '
      'skipped (see Rules)'),
+    ('clock', 'top', 'arrival', 'text', None, None,
+     "the time the rules' correlation helpers and timers use: `arrival` (when Looper read "
+     "the event) or the name of a token holding the event's own time (epoch seconds, "
+     "RFC 3339, or `Nov 22 07:39:24`), for replays that give the alerts a live run gave"),
     ('module', 'block', None, 'text', None, None,
      'required: a bare name is looked up in the module path; a name with a `/` is a path'),
     ('restartdelay', 'block', RESTART_DELAY, 'seconds', 0.001, 86400,
@@ -443,6 +448,7 @@ class _Config(object):
         self.loglevel = 'info'
         self.maxline = MAX_LINE
         self.rulestimeout = RULES_TIMEOUT
+        self.clock = None           # None: arrival; else the event-time token
         self.warnings = []          # _ConfigError(warning=True), shown by --check and at start
 
     def resolve(self, value):
@@ -699,6 +705,11 @@ def _finish_config(config, error):
     config.loglevel = _value(config.top, config.top_lines, 'loglevel', error)
     config.maxline = _value(config.top, config.top_lines, 'maxline', error)
     config.rulestimeout = _value(config.top, config.top_lines, 'rulestimeout', error)
+    clock = config.top.get('clock', 'arrival').strip()
+    config.clock = None if clock == 'arrival' else clock
+    if clock != 'arrival' and (not clock or '=' in clock or len(clock.split()) > 1):
+        error(config.top_lines['clock'], "clock must be 'arrival' or the name of a token, not "
+                                         "'%s'" % clock)
     if config.rulesfiles and [v for v, _ in config.rulesfiles] == ['NORULES']:
         config.rulesfiles = []
     elif any(v == 'NORULES' for v, _ in config.rulesfiles):
@@ -1051,6 +1062,12 @@ class _LineReader(object):
         return tail.decode('utf-8', 'surrogateescape')
 
 
+def _plain_events(text):
+    """Dicts of whole events in text that _EventParser.split_raw found plain."""
+    return [dict(map(str.split, piece.split('\n'), _EQUALS, _ONES))
+            for piece in text.split('\ngo\n')[:-1]]
+
+
 # The fast parser's other arguments to str.split: dict(map(str.split, lines,
 # _EQUALS, _ONES)) is line.split('=', 1) for each line with no bytecode run
 # and no list of pairs built per event (callgrind: 5% fewer instructions an
@@ -1178,6 +1195,44 @@ class _EventParser(object):
                 continue
             event[key] = value
         return event
+
+    # A chunk of whole events takes the raw path only if nothing in it is
+    # unusual: every line token=value with a name, or `go`; no empty event,
+    # no blank line, no CR.  (maxline and MAX_EVENT are checked apart.)
+    _RAW_BAD = re.compile(br'^(?:=|(?!go$)[^=\n]*$)', re.M)
+
+    def split_raw(self, data):
+        """The raw path: (the bytes of the whole events now complete, how
+        many), when the parser holds nothing of an event and the chunk is
+        plain (see _RAW_BAD); the bytes after the last `go` are kept for the
+        next call.  None when anything is unusual: then feed() must take
+        this data instead (nothing of it was consumed)."""
+        if self._partial or self._skip_event or self.lines._skipping:
+            return None
+        buf = self.lines._tail + data if self.lines._tail else data
+        end = buf.rfind(b'\ngo\n') + 4
+        if end < 4:
+            if len(buf) > self.maxline or b'\r' in buf:
+                return None
+            self.lines._tail = buf
+            return b'', 0
+        events = buf[:end]
+        if (b'\r' in events or b'\n\n' in events or events[:3] == b'go\n'
+                or b'\ngo\ngo\n' in events
+                or self._RAW_BAD.search(events, 0, end - 1) is not None
+                or len(events) > self.maxline and self._too_long(events)):
+            return None
+        tail = buf[end:]
+        if len(tail) > self.maxline or b'\r' in tail:
+            return None
+        self.lines._tail = tail
+        return events, events.count(b'\ngo\n')
+
+    def _too_long(self, events):
+        """A line over maxline bytes, or an event over MAX_EVENT, in raw events."""
+        if re.search(b'[^\n]{%d}' % (self.maxline + 1), events):
+            return True
+        return len(events) > MAX_EVENT and max(map(len, events.split(b'\ngo\n'))) > MAX_EVENT
 
     def eof(self):
         """The module's output ended: (events, lost).  A last line without its
@@ -2076,9 +2131,7 @@ class _Input(object):
             child.stdin.close_when_drained()
 
     def stdout(self, data):
-        events = self.parser.feed(data)
-        if events:
-            self.router.take(events)
+        self.router.chunk(self.parser, data)
 
     def progress(self):
         pass
@@ -2181,6 +2234,13 @@ class _Output(object):
     def full(self):
         ledger = self.ledger
         return ledger.events >= self.block.queuesize or ledger.bytes >= self.block.queuebytes
+
+    def room(self, count, size):
+        """Whether `count` events of `size` bytes fit in the queue now (or
+        would be counted lost anyway)."""
+        ledger = self.ledger
+        return bool(self.closed) or (ledger.events + count <= self.block.queuesize and
+                                     ledger.bytes + size <= self.block.queuebytes)
 
     def enqueue(self, data, count, seq):
         """Queue `count` events (their bytes), or drop and count them; True
@@ -2518,7 +2578,320 @@ class _Output(object):
 ##############################################################################
 
 # What a rules file finds in its namespace, besides Python's builtins.
-_RULES_API = ('inputTokens', 'outputTokens', 'writeTo', 'exit')
+_RULES_API = ('inputTokens', 'outputTokens', 'writeTo', 'exit', 'after', 'threshold',
+              'suppress', 'digest', 'now')
+
+_MONTHS = dict((m, i) for i, m in enumerate(
+    ('Jan', 'Feb', 'Mar', 'Apr', 'May', 'Jun', 'Jul', 'Aug', 'Sep', 'Oct', 'Nov', 'Dec'), 1))
+_RFC3339 = re.compile(r'(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(\.\d+)?'
+                      r'([Zz]|[+-]\d\d:?\d\d)?\Z')
+_BSD_DATE = re.compile(r'([A-Z][a-z]{2}) +(\d{1,2}) (\d\d):(\d\d):(\d\d)(\.\d+)?\Z')
+
+
+def _event_time(text, wall=None):
+    """Epoch seconds from a token holding an event's own time: epoch
+    seconds, RFC 3339 (`2026-11-22T07:39:24.5+01:00`; local time without an
+    offset), or the BSD syslog form (`Nov 22 07:39:24`, local time, in the
+    latest year that does not put it in the future).  None if it is none."""
+    import calendar
+    text = text.strip()
+    try:
+        value = float(text)
+        return value if math.isfinite(value) else None
+    except ValueError:
+        pass
+    m = _RFC3339.match(text)
+    if m:
+        year, month, day, hour, minute, second = (int(x) for x in m.groups()[:6])
+        fraction = float(m.group(7) or 0)
+        zone = m.group(8)
+        try:
+            fields = (year, month, day, hour, minute, second, 0, 0, -1)
+            if zone is None:
+                return time.mktime(fields) + fraction
+            seconds = calendar.timegm(fields) + fraction
+        except (OverflowError, ValueError):
+            return None
+        if zone not in ('Z', 'z'):
+            sign = -1 if zone[0] == '+' else 1
+            digits = zone[1:].replace(':', '')
+            seconds += sign * (int(digits[:2]) * 3600 + int(digits[2:]) * 60)
+        return seconds
+    m = _BSD_DATE.match(text)
+    if m and m.group(1) in _MONTHS:
+        wall = time.time() if wall is None else wall
+        year = time.localtime(wall).tm_year
+        fields = [year, _MONTHS[m.group(1)], int(m.group(2)), int(m.group(3)), int(m.group(4)),
+                  int(m.group(5)), 0, 0, -1]
+        try:
+            seconds = time.mktime(tuple(fields))
+            if seconds > wall + 86400:      # in the future: it was last year
+                fields[0] -= 1
+                seconds = time.mktime(tuple(fields))
+        except (OverflowError, ValueError):
+            return None
+        return seconds + float(m.group(6) or 0)
+    return None
+
+
+class _Timer(list):
+    """A handle of after(): [when, seq, callback]; cancel() stops it.
+    Ordered as its list (when, seq) in the heap; hashed and compared by
+    identity elsewhere."""
+
+    __slots__ = ('timers',)
+
+    __hash__ = object.__hash__
+
+    def __eq__(self, other):
+        return self is other
+
+    def cancel(self):
+        if self[2] is not None:
+            self[2] = None
+            self.timers.cancelled += 1
+
+    @property
+    def cancelled(self):
+        return self[2] is None
+
+
+class _Timers(object):
+    """The rules' timers on Looper's one clock: `arrival` (monotonic time when
+    Looper read the event; due timers fire from the event loop) or an event
+    clock (the latest event time seen; timers fire when an event's time
+    passes their deadline, and all at the end of a batch run).  A heap of
+    _Timer entries; cancelled ones are skipped, and the heap is rebuilt when
+    most of it is cancelled (as asyncio does), so cancels never pile up."""
+
+    def __init__(self, token=None):
+        self.token = token          # the event-time token, or None (arrival)
+        self.now = time.monotonic() if token is None else 0.0
+        self.started = token is None
+        self.heap = []
+        self.cancelled = 0
+        self._seq = itertools.count()
+        self.unparsed = 0           # events whose time token could not be read
+        self._warn = _Throttle()
+
+    def __len__(self):
+        return len(self.heap) - self.cancelled
+
+    def at(self, when, callback):
+        timer = _Timer((when, next(self._seq), callback))
+        timer.timers = self
+        heapq.heappush(self.heap, timer)
+        return timer
+
+    def event(self, tokens):
+        """An event arrives: fire what is due by its time (each timer seeing
+        its own deadline as the time), then move the clock to it, before
+        its rules run."""
+        if self.token is None:
+            self.now = time.monotonic()
+            self.fire(self.now)
+            return
+        text = tokens.get(self.token)
+        when = _event_time(text) if text is not None else None
+        if when is None:
+            self.unparsed += 1
+            self._warn(logging.WARNING, 'clock', "clock: an event has no time in its %r token "
+                       "(%r); it takes the time of the event before", self.token, text)
+        elif not self.started:
+            self.now, self.started = when, True
+        elif when > self.now:
+            self.fire(when)
+
+    def next_due(self):
+        """Seconds until the next timer is due (arrival clock), or None."""
+        if self.token is not None or not self.heap:
+            return None
+        return max(0.0, self.heap[0][0] - time.monotonic())
+
+    def fire_due(self):
+        """The event loop's turn (arrival clock)."""
+        if self.token is None and self.heap and self.heap[0][0] <= time.monotonic():
+            self.now = time.monotonic()
+            self.fire(self.now)
+
+    def fire(self, until):
+        """Fire every timer due at or before `until`, in deadline order; the
+        clock shows each one's deadline while it runs (so a replay sees the
+        times the live run saw)."""
+        heap = self.heap
+        while heap and heap[0][0] <= until:
+            timer = heapq.heappop(heap)
+            if timer[2] is None:
+                self.cancelled -= 1
+                continue
+            callback, timer[2] = timer[2], None
+            if self.token is not None:
+                self.now = max(self.now, timer[0])
+            try:
+                callback()
+            except Exception as e:     # run_timer logs the rules' own errors; this is a bug
+                _log.error('a rules timer failed: %s: %s', type(e).__name__, e)
+        if self.token is not None:
+            self.now = max(self.now, until)
+        if self.cancelled > 64 and self.cancelled * 2 > len(heap):
+            self.heap = [t for t in heap if t[2] is not None]
+            heapq.heapify(self.heap)
+            self.cancelled = 0
+
+    def fire_all(self):
+        """The end of a batch run: every remaining timer fires, in order."""
+        while len(self):
+            self.fire(max(self.heap[0][0], self.now))
+
+
+class _Correlate(object):
+    """The correlation helpers of one rules file: after, threshold, suppress,
+    digest, now.  Their state lives here, per key, and is dropped when the
+    key's window ends (checked at each call and at each timer); it survives
+    a reload with the file's namespace when the file is unchanged."""
+
+    def __init__(self, rules, path, ns):
+        self.rules, self.path, self.ns = rules, path, ns
+        self.timers = rules.timers
+        self.thresholds = {}        # key -> [times deque, end of the fired window or None]
+        self.suppressed = {}        # key -> end of the suppression
+        self.digests = {}           # key -> [count, first, last, common]
+        self._expiry = []           # heap of (time the state of a key may go, seq, table, key)
+        self._seq = itertools.count()
+        self.mine = set()           # this file's pending timers (cancelled on reload)
+
+    def install(self, ns):
+        self.ns = ns
+        ns['after'], ns['threshold'], ns['suppress'] = self.after, self.threshold, self.suppress
+        ns['digest'], ns['now'] = self.digest, self.now
+
+    def now(self):
+        """The current time on Looper's clock, in seconds."""
+        return self.timers.now
+
+    def after(self, seconds, function, *args):
+        """Call function(*args) once, `seconds` from now, in this file's
+        namespace (writeTo works; outputTokens is a fresh dict).  Returns a
+        handle with .cancel()."""
+        seconds = float(seconds)
+        if not math.isfinite(seconds):
+            raise ValueError('after: seconds must be a finite number, not %r' % seconds)
+        holder = []
+
+        def run():
+            self.mine.discard(holder[0])
+            self.rules.run_timer(self, function, args)
+        timer = self.timers.at(self.timers.now + seconds, run)
+        holder.append(timer)
+        self.mine.add(timer)
+        return timer
+
+    def _expire(self, now):
+        """Drop the state of keys whose window has ended (one heap entry a
+        key: an entry that comes due early is put back at the key's end)."""
+        expiry = self._expiry
+        while expiry and expiry[0][0] < now:
+            _, _, table, key = heapq.heappop(expiry)
+            states = getattr(self, table)
+            state = states.get(key)
+            if state is None:
+                continue
+            end = self._ends(table, state)
+            if end < now:
+                del states[key]
+            else:
+                heapq.heappush(expiry, (end, next(self._seq), table, key))
+
+    def _track(self, table, key, end):
+        heapq.heappush(self._expiry, (end, next(self._seq), table, key))
+
+    @staticmethod
+    def _ends(table, state):
+        if table == 'suppressed':
+            return state
+        times, fired_end, seconds = state
+        return fired_end if fired_end is not None else (times[-1] + seconds if times else -1)
+
+    def threshold(self, key, count, seconds):
+        """True exactly once when `count` calls with `key` fall within
+        `seconds` (SEC's SingleWithThreshold: the window starts at the first
+        call and slides to the next one when it expires; after firing,
+        calls are ignored until the window ends).  A call exactly `seconds`
+        after the window's start is inside it."""
+        now = self.timers.now
+        self._expire(now)
+        state = self.thresholds.get(key)
+        if state is None or (state[1] is not None and now > state[1]):
+            if state is None:
+                self._track('thresholds', key, now + seconds)
+            state = self.thresholds[key] = [collections.deque(), None, seconds]
+        times, fired_end, _ = state
+        if fired_end is not None:
+            return False
+        while times and now > times[0] + seconds:
+            times.popleft()
+        times.append(now)
+        if len(times) >= count:
+            state[1] = times[0] + seconds
+            times.clear()
+            return True
+        return False
+
+    def suppress(self, key, seconds):
+        """True for the first call with `key`, then False until `seconds`
+        have passed (SEC's SingleWithSuppress, Alertmanager's
+        repeat_interval); a suppressed call does not extend it."""
+        now = self.timers.now
+        self._expire(now)
+        end = self.suppressed.get(key)
+        if end is not None and now <= end:
+            return False
+        if end is None:
+            self._track('suppressed', key, now + seconds)
+        self.suppressed[key] = now + seconds
+        return True
+
+    def digest(self, key, seconds, output, tokens):
+        """Collect `tokens` (a dict) per `key`; `seconds` after the first of
+        a group (Alertmanager's group_wait), write one event to `output`:
+        the tokens common to all of them, `count`, and `first` and `last`
+        (the first and last collected events' tokens, as JSON).  Then a new
+        group starts."""
+        import json
+        if output not in self.rules.outputs:
+            raise LookupError('digest(..., %r, ...): no output named %r; outputs are: %s' % (
+                output, output, ', '.join(sorted(self.rules.outputs))))
+        tokens = dict((str(k), v if v.__class__ is str else str(v))
+                      for k, v in tokens.items() if v is not None)
+        group = self.digests.get(key)
+        if group is None:
+            group = self.digests[key] = [0, tokens, tokens, dict(tokens)]
+
+            def flush():
+                del self.digests[key]
+                count, first, last, common = group
+                event = dict(common)
+                event['count'] = str(count)
+                event['first'] = json.dumps(first, sort_keys=True)
+                event['last'] = json.dumps(last, sort_keys=True)
+                self.rules.deliver((output,), _encode_event(event), event)
+            self.after(seconds, flush)
+        else:
+            common = group[3]
+            for k in [k for k, v in common.items() if tokens.get(k) != v]:
+                del common[k]
+        group[0] += 1
+        group[2] = tokens
+        return group[0]
+
+    def cancel_all(self):
+        n = 0
+        for timer in list(self.mine):
+            if not timer.cancelled:
+                timer.cancel()
+                n += 1
+        self.mine.clear()
+        return n
 
 
 class _Rules(object):
@@ -2532,10 +2905,11 @@ class _Rules(object):
     data, tokens)` at once, so a value that cannot be sent is that event's
     error.  A file with a watchfor runs only for events whose text matches."""
 
-    def __init__(self, files, outputs, deliver, timeout=RULES_TIMEOUT, old=None):
+    def __init__(self, files, outputs, deliver, timeout=RULES_TIMEOUT, old=None, timers=None):
         self.outputs = frozenset(outputs)
         self.deliver = deliver
         self.timeout = timeout
+        self.timers = timers if timers is not None else _Timers()
         self.paths = frozenset(f[0] for f in files)
         self.errors = 0
         self.events = 0             # events run so far (the watchdog tells them apart)
@@ -2543,25 +2917,79 @@ class _Rules(object):
         self._busy = False          # inside run()
         self._ns = None
         self._warn = _Throttle()
-        kept = dict((path, (source, ns)) for path, source, ns, _ in (old.files if old else []))
+        kept = dict((f[0], f) for f in (old.files if old else []))
         self.files = []
         for path, source, code, watchfor in files:
-            if path in kept and kept[path][0] == source:
-                ns = kept[path][1]
+            if path in kept and kept[path][1] == source and kept[path][3].timers is self.timers:
+                ns, helpers = kept.pop(path)[2:4]
             else:
                 ns = {'__name__': '__looper_rules__', '__file__': path,
                       '__builtins__': __builtins__}
+                helpers = _Correlate(self, path, ns)
             ns['writeTo'], ns['exit'] = self._write_to, self._exit
-            self.files.append((path, source, ns, watchfor))
+            helpers.rules = self
+            helpers.install(ns)
+            self.files.append((path, source, ns, helpers, watchfor))
+        for path, _, _, helpers, _ in kept.values():
+            cancelled = helpers.cancel_all()
+            if cancelled:
+                _log.warning('%s changed or is gone: its %d pending timer(s) are cancelled',
+                             path, cancelled)
         # A module's code object made into a function runs with ns as both its
         # globals and locals, exactly as exec(code, ns) does, without exec's
         # per-call setup (about 0.2 us an event, 3.6 to 3.13 alike).
         self._run = [(path, types.FunctionType(code, ns), ns, watchfor)
-                     for (path, _, code, watchfor), (_, _, ns, _) in zip(files, self.files)]
+                     for (path, _, code, watchfor), (_, _, ns, _, _) in zip(files, self.files)]
         self.watching = bool(files) and all(f[3] is not None for f in files)
+        # The distinct patterns, and whether the chunk can be searched as a
+        # whole for each (see matching()).
+        patterns = []
+        for f in files:
+            if f[3] is not None and f[3] not in [p for p, _ in patterns]:
+                source = f[3].pattern
+                patterns.append((f[3], not any(x in source for x in ('\\A', '\\Z', '(?<'))))
+        self._patterns = patterns
 
     def _exit(self, *ignored):
         raise _EndEvent()
+
+    def matching(self, text):
+        """For a chunk of whole events (text, each ending in `\\ngo\\n`):
+        [(index, start, end)] of the events whose text (text[start:end],
+        without its `go` line) one of the files' watchfor patterns matches,
+        in order.  Each pattern is searched in the chunk as a whole; a
+        match is checked against its event alone (a chunk can match where
+        an event cannot: across events, or on a `go` line); a pattern that
+        the chunk could hide from an event (\\A, \\Z, a lookbehind, a
+        match across events) is searched event by event instead."""
+        found = {}
+        bounds = None
+        for pattern, whole in self._patterns:
+            if bounds is None:
+                bounds = self._bounds(text)
+            if whole:
+                for m in pattern.finditer(text):
+                    i = bisect.bisect_right(bounds[0], m.start()) - 1
+                    start, end = bounds[0][i], bounds[1][i]
+                    if m.end() > end + 3:       # across events: event by event
+                        whole = False
+                        break
+                    if i not in found and pattern.search(text, start, end) is not None:
+                        found[i] = (i, start, end)
+                if whole:
+                    continue
+            for i, (start, end) in enumerate(zip(*bounds)):
+                if i not in found and pattern.search(text[start:end]) is not None:
+                    found[i] = (i, start, end)
+        return [found[i] for i in sorted(found)]
+
+    @staticmethod
+    def _bounds(text):
+        """Where the events of a chunk start, and where their text ends
+        (before `\\ngo\\n`)."""
+        ends = [m.start() for m in re.finditer('\ngo\n', text)]
+        starts = [0] + [end + 4 for end in ends[:-1]]
+        return starts, ends
 
     def watchdog(self, frame):
         """SIGALRM, every `timeout` seconds (see _watch_rules): when the rules
@@ -2633,6 +3061,29 @@ class _Rules(object):
         finally:
             self._busy = False
 
+    def run_timer(self, helpers, function, args):
+        """A timer of after() (or a digest) is due: call it in its file's
+        namespace, with a fresh outputTokens; a failure is logged as a rules
+        error of that file."""
+        ns = helpers.ns
+        self.events += 1
+        self._busy = True
+        ns['inputTokens'] = {}
+        ns['outputTokens'] = {}
+        self._ns = ns
+        try:
+            function(*args)
+        except (_EndEvent, SystemExit):
+            pass
+        except _RulesTimeout:
+            self._error(helpers.path, 'a timer still running after %g s (rulestimeout), '
+                        'interrupted' % self.timeout, {'timer': repr(function)})
+        except BaseException as e:
+            self._error(helpers.path, 'in a timer (%s): %s: %s' % (
+                getattr(function, '__name__', 'function'), type(e).__name__, e), {})
+        finally:
+            self._busy = False
+
     def _error(self, path, what, tokens):
         """Log the exception being handled at its line in the rules file,
         throttled per (file, line, exception type)."""
@@ -2696,6 +3147,8 @@ class _Router(object):
         self._std = {}
         self.folded = {}            # counters of outputs that are gone, by name
         self.retired = []           # outputs and inputs a reload replaced, until they exit
+        self.timers = _Timers(config.clock)
+        loop.timers = self.timers
         self.rules = self._make_rules(rules, config, None)
         self.input = _Input(self, config.input)
         self.outputs = collections.OrderedDict(
@@ -2704,8 +3157,13 @@ class _Router(object):
         loop.before_select.append(self._acknowledge)
 
     def _make_rules(self, rules, config, old):
-        return _Rules(rules, config.outputs, self._deliver, config.rulestimeout, old) \
-            if rules else None
+        if config.clock != self.timers.token:
+            dropped = len(self.timers)
+            if dropped:
+                _log.warning('the clock changed: %d pending rules timer(s) are dropped', dropped)
+            self.timers = self.loop.timers = _Timers(config.clock)
+        return _Rules(rules, config.outputs, self._deliver, config.rulestimeout, old,
+                      self.timers) if rules else None
 
     def std_fd(self, kind):
         """Looper's own stdin (for the input) or stdout (for outputs), as an
@@ -2732,6 +3190,73 @@ class _Router(object):
 
     # -- events -------------------------------------------------------------
 
+    def chunk(self, parser, data):
+        """A read of the input's stdout.  Where no rules run (NORULES), or
+        every rules file has a watchfor, a plain chunk of whole events is
+        routed without a dict per event (the raw path); anything else, and
+        everything while the outputs push back, goes through the parser's
+        dicts and take()."""
+        rules = self.rules
+        if not (self.blocked or self.pending) and (rules is None or rules.watching):
+            got = parser.split_raw(data)
+            if got is not None:
+                events, count = got
+                if count:
+                    if rules is None:
+                        self._pass_through(events, count)
+                    else:
+                        self._watch(events, count)
+                return
+        events = parser.feed(data)
+        if events:
+            self.take(events)
+
+    def _pass_through(self, data, count):
+        """NORULES: the input's bytes go to every output as they came, one
+        queue entry for the chunk, when every queue has room for all of it;
+        else event by event (so block and drop apply to each event)."""
+        for output in self.outputs.values():
+            if not output.room(count, len(data)):
+                self.take(_plain_events(data.decode('utf-8', 'surrogateescape')))
+                return
+        first = self.events_in
+        self.events_in += count
+        self.deliveries += count * len(self._all)
+        for output in self.outputs.values():
+            if output.enqueue(data, count, first):
+                self.blocked = True
+
+    def _watch(self, data, count):
+        """Every rules file has a watchfor: search the chunk as a whole
+        for each pattern, and make dicts (and run the rules) only for the
+        events where one matched.  The others cost nothing more.  If an
+        output pushes back, the rest of the chunk waits in `pending`."""
+        first = self.events_in
+        self.events_in += count
+        text = data.decode('utf-8', 'surrogateescape')
+        rules = self.rules
+        hits = rules.matching(text)
+        if not hits:
+            return
+        clocked = self.timers.token is not None
+        if not clocked:
+            self.timers.event(None)
+        split, eqs, ones = str.split, _EQUALS, _ONES
+        for index, start, end in hits:
+            body = text[start:end]
+            event = dict(map(split, body.split('\n'), eqs, ones))
+            if clocked:
+                self.timers.event(event)
+            self._seq = first + index
+            rules.run(event, body)
+            self._seq = None
+            if self.blocked:
+                self.pending_seq = first + index + 1
+                self.pending.extend(_plain_events(text[text.index('\ngo\n', end) + 4:]))
+                if self.pending:
+                    self.input.pause()
+                return
+
     def take(self, events):
         """Events from the input: route them now, or keep them pending while a
         blocking output is full (and stop reading the input meanwhile)."""
@@ -2745,17 +3270,22 @@ class _Router(object):
         else:
             rules = self.rules
             deliver, everywhere = self._deliver, self._all
+            clocked = self.timers.token is not None and rules is not None
+            if rules is not None and not clocked:
+                self.timers.event(None)             # arrival: one time for the chunk
             for i, event in enumerate(events):
+                if clocked:
+                    self.timers.event(event)        # due timers fire first
                 self._seq = first + i
                 if rules is not None:
                     rules.run(event)
                 else:
                     deliver(everywhere, _encode_event(event), event)
+                self._seq = None
                 if self.blocked:
                     self.pending_seq = first + i + 1
                     pending.extend(events[i + 1:])
                     break
-            self._seq = None
         if pending:
             self.input.pause()
 
@@ -2779,13 +3309,15 @@ class _Router(object):
         rules = self.rules
         while pending and not self.blocked:
             event = pending.popleft()
+            if rules is not None:
+                self.timers.event(event)
             self._seq = self.pending_seq
             self.pending_seq += 1
             if rules is not None:
                 rules.run(event)
             else:
                 self._deliver(self._all, _encode_event(event), event)
-        self._seq = None
+            self._seq = None
         if not pending:
             self.input.resume()
             if self.stopping:
@@ -2874,6 +3406,10 @@ class _Router(object):
             self.fatal.append(module.block.where())
         if owner is self.input:
             if owner.finished and not self.stopping:
+                if len(self.timers):
+                    _log.info('the input finished: firing the %d pending rules timer(s)',
+                              len(self.timers))
+                    self.timers.fire_all()
                 self.stop('the input finished')
             elif module.state == 'fatal' and not self.stopping:
                 self.stop('the input cannot run with its configuration')
@@ -3233,7 +3769,9 @@ def _test(config_path):
             line = json.dumps({'output': name, 'tokens': tokens}, ensure_ascii=False)
             out.write(line.encode('utf-8', 'surrogateescape') + b'\n')
 
-    rules = _Rules(rules, config.outputs, deliver, config.rulestimeout) if rules else None
+    timers = _Timers(config.clock)
+    rules = _Rules(rules, config.outputs, deliver, config.rulestimeout, timers=timers) \
+        if rules else None
     _watch_rules(rules)
     parser = _EventParser('stdin', config.maxline)
     stdin = sys.stdin.buffer if hasattr(sys.stdin, 'buffer') else sys.stdin
@@ -3252,9 +3790,12 @@ def _test(config_path):
             events_seen += len(events)
             for event in events:
                 if rules is not None:
+                    timers.event(event)
                     rules.run(event)
                 else:
                     deliver(names, None, event)
+            if not data:
+                timers.fire_all()       # the end of the input, as in a batch run
             out.flush()
             if not data:
                 break

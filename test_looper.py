@@ -3232,6 +3232,386 @@ class TestDeployment(object):
 
 
 ##############################################################################
+# Correlation: the rules helpers, one clock live and in replay (issue 14)
+##############################################################################
+
+# The same scenario for SEC and for Looper: events with a few tenths of a
+# second or whole seconds between them, so SEC's one-second clock and
+# Looper's agree on every decision.
+CORRELATION_SCENARIO = [
+    (0.0, 'disk full on /var'), (0.2, 'login failed for alice'), (0.4, 'login failed for alice'),
+    (0.6, 'login failed for alice'), (0.8, 'disk full on /var'), (1.0, 'login failed for alice'),
+    (1.5, 'backup started job1'), (1.7, 'backup started job2'), (2.0, 'backup finished job2'),
+    (3.0, 'login failed for bob'), (6.5, 'disk full on /var'), (7.0, 'login failed for bob'),
+    (7.2, 'login failed for bob'), (7.4, 'login failed for bob')]
+CORRELATION_ACTIONS = ['disk /var', 'brute alice', 'ok job2', 'missing job1', 'disk /var',
+                       'brute bob']
+
+SEC_RULES = r'''type=SingleWithThreshold
+ptype=RegExp
+pattern=login failed for (\S+)
+desc=brute $1
+action=write %(out)s brute $1
+window=3
+thresh=3
+
+type=SingleWithSuppress
+ptype=RegExp
+pattern=disk full on (\S+)
+desc=disk $1
+action=write %(out)s disk $1
+window=4
+
+type=PairWithWindow
+ptype=RegExp
+pattern=backup started (\S+)
+desc=backup $1
+action=write %(out)s missing $1
+ptype2=RegExp
+pattern2=backup finished ($1)
+desc2=backup $1 done
+action2=write %(out)s ok $1
+window=2
+'''
+
+LOOPER_CORRELATION_RULES = r'''import re
+try:
+    pending
+except NameError:
+    pending = {}
+
+def act(kind, name):
+    outputTokens.clear()
+    outputTokens['action'] = '%s %s' % (kind, name)
+    outputTokens['at'] = '%.3f' % now()
+    writeTo('actions')
+
+def missing(job):
+    del pending[job]
+    act('missing', job)
+
+text = inputTokens.get('message', '')
+m = re.search(r'login failed for (\S+)', text)
+if m and threshold(m.group(1), 3, 3):
+    act('brute', m.group(1))
+m = re.search(r'disk full on (\S+)', text)
+if m and suppress(m.group(1), 4):
+    act('disk', m.group(1))
+m = re.search(r'backup started (\S+)', text)
+if m:
+    pending[m.group(1)] = after(2, missing, m.group(1))
+m = re.search(r'backup finished (\S+)', text)
+if m and m.group(1) in pending:
+    pending.pop(m.group(1)).cancel()
+    act('ok', m.group(1))
+'''
+
+
+def correlation_conf(tmp, name, logfile, extra_top='', extra_in=''):
+    write(os.path.join(tmp, 'corr.rules'), LOOPER_CORRELATION_RULES)
+    return config(tmp, "rulesfile = corr.rules\n%s"
+                       "input i {\n module = syslog_in\n logfile = '%s'\n%s}\n"
+                       "output actions {\n module = logfile_out\n filename = '%s.json'\n"
+                       " format = json\n}\n" % (extra_top, logfile, extra_in, name), name + '.conf')
+
+
+class TestCorrelation(object):
+
+    def test_the_helpers_against_sec_live_and_the_same_in_a_replay(self, tmp):
+        """SEC 2.9 as the oracle: the scenario fed in real time to SEC
+        (SingleWithThreshold, SingleWithSuppress, PairWithWindow) and to
+        Looper (threshold, suppress, after on the arrival clock) gives the
+        same actions in the same order; the file then replayed in a batch
+        run with the event clock gives them again, with the live run's
+        times, in under a second."""
+        sec = need('sec')
+        log = os.path.join(tmp, 'events.log')
+        write(log, '')
+        sec_out = os.path.join(tmp, 'sec.out')
+        write(os.path.join(tmp, 'rules.sec'), SEC_RULES % {'out': sec_out})
+        sec_proc = subprocess.Popen([sec, '--conf=' + os.path.join(tmp, 'rules.sec'),
+                                     '--input=' + log, '--log=' + os.path.join(tmp, 'sec.log'),
+                                     '--nodetach', '--poll-timeout=0.05'],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        live = Looper(correlation_conf(tmp, 'live', log, extra_in=' follow = yes\n'
+                                                                  ' sleeptime = 0.02\n'))
+        try:
+            wait_until(lambda: 'Opening input file' in read(os.path.join(tmp, 'sec.log')))
+            live.wait_log('starting')
+            start = time.time()
+            for offset, text in CORRELATION_SCENARIO:
+                delay = start + offset - time.time()
+                if delay > 0:
+                    time.sleep(delay)   # the scenario's own pace, not a synchronization
+                stamp = time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime()) + \
+                    ('%.6f' % (time.time() % 1))[1:] + '+00:00'
+                with open(log, 'a') as f:
+                    f.write('%s host app[1]: %s\n' % (stamp, text))
+
+            def actions(name):
+                return [e['action'] for e in json_tokens(os.path.join(tmp, name + '.json'))]
+            wait_until(lambda: len(read(sec_out).splitlines()) >= 6, what='SEC: ' + read(sec_out))
+            wait_until(lambda: len(actions('live')) >= 6, what='Looper: %r' % actions('live'))
+        finally:
+            sec_proc.terminate()
+            sec_proc.wait(DEADLINE)
+            live.signal(signal.SIGTERM)
+            live.wait()
+        assert read(sec_out).splitlines() == CORRELATION_ACTIONS
+        assert actions('live') == CORRELATION_ACTIONS
+        t0 = time.monotonic()
+        p = run([correlation_conf(tmp, 'replay', log, "clock = date\n")])
+        took = time.monotonic() - t0
+        assert p.returncode == 0, p.stderr
+        assert actions('replay') == CORRELATION_ACTIONS
+        assert took < 1.5, took         # a second of work, plus Python's start-ups
+        # The replay's times are the events' own: the missing job is exactly
+        # 2 s after its start, the live run's arrival times within a jitter.
+        replay = json_tokens(os.path.join(tmp, 'replay.json'))
+        stamps = [_event_time_of(line) for line in read(log).splitlines()]
+        assert abs(float(replay[3]['at']) - (stamps[6] + 2)) < 1e-3, (replay, stamps)
+        assert abs(float(replay[1]['at']) - stamps[3]) < 1e-3
+
+    @pytest.mark.parametrize('rules, events, expected', [
+        # threshold: exactly `seconds` after the window's start is inside it
+        ("if threshold('k', 3, 10):\n    writeTo('o')\n", [0, 5, 10], [10]),
+        # ... a little after is not: the window slides to the next call
+        ("if threshold('k', 3, 10):\n    writeTo('o')\n", [0, 5, 10.5, 12], [12]),
+        # after firing, calls are ignored until the window ends, then it starts over
+        ("if threshold('k', 2, 10):\n    writeTo('o')\n", [0, 1, 2, 9, 11, 12], [1, 12]),
+        # suppress: a suppressed call does not extend the suppression
+        ("if suppress('k', 10):\n    writeTo('o')\n", [0, 5, 9, 10, 10.5, 15, 21], [0, 10.5, 21]),
+        # a timer due at or before an event's time fires before that event's rules
+        ("if inputTokens['n'] == '0':\n    after(5, lambda: writeTo('o'))\n"
+         "outputTokens['seen'] = now()\nif inputTokens['n'] == '1':\n    writeTo('o')\n",
+         [0, 5], ['timer', 5]),
+    ])
+    def test_edges_the_same_live_and_in_replay(self, tmp, rules, events, expected):
+        """The edges of the helpers, on the event clock in --test (so rules
+        with windows are testable from a file of events)."""
+        conf = norules_conf(tmp, rules, outputs=('o',))
+        write(conf, 'clock = t\n' + read(conf))
+        got, p = run_test_mode(conf, ''.join('n=%d\nt=%s\ngo\n' % (i, t) for i, t in
+                                             enumerate(events)))
+        assert p.returncode == 0, p.stderr
+        seen = [float(d['tokens']['t']) if 't' in d['tokens'] else 'timer' for d in got]
+        assert seen == expected, (seen, p.stderr)
+
+    def test_digest_groups_and_the_end_of_a_batch_fires_what_is_pending(self, tmp):
+        conf = norules_conf(tmp, "digest(inputTokens['node'], 60, 'o', inputTokens)\n",
+                            outputs=('o',))
+        write(conf, 'clock = t\n' + read(conf))
+        events = [('gw1', 0, 'a'), ('gw1', 10, 'b'), ('gw2', 20, 'c'), ('gw1', 30, 'c'),
+                  ('gw1', 70, 'd'), ('gw2', 75, 'e')]
+        got, p = run_test_mode(conf, ''.join('node=%s\nt=%d\nx=%s\ngo\n' % e for e in events))
+        assert p.returncode == 0, p.stderr
+        digests = [d['tokens'] for d in got]
+        assert [(d['node'], d['count']) for d in digests] == [('gw1', '3'), ('gw2', '2'),
+                                                               ('gw1', '1')], digests
+        first = digests[0]
+        assert json.loads(first['first']) == {'node': 'gw1', 't': '0', 'x': 'a'}
+        assert json.loads(first['last']) == {'node': 'gw1', 't': '30', 'x': 'c'}
+        assert 'x' not in first and 't' not in first        # not common to all of them
+
+    def test_event_times_in_every_form(self):
+        lib = load_looper()
+        import calendar
+        assert lib._event_time('1764626400.5') == 1764626400.5
+        assert lib._event_time('2026-11-22T07:39:24Z') == calendar.timegm((2026, 11, 22, 7, 39, 24))
+        assert lib._event_time('2026-11-22T08:39:24.250+01:00') == \
+            calendar.timegm((2026, 11, 22, 7, 39, 24)) + 0.25
+        wall = calendar.timegm((2026, 1, 5, 12, 0, 0))
+        # The latest year that is not in the future: December is last year's.
+        dec = lib._event_time('Dec 31 23:00:00', wall)
+        assert time.localtime(dec).tm_year == 2025
+        jan = lib._event_time('Jan  5 11:00:00', wall)
+        assert time.localtime(jan).tm_year == 2026
+        assert lib._event_time('not a time') is None and lib._event_time('nan') is None
+
+    def test_state_is_dropped_when_its_window_ends_and_timers_do_not_pile_up(self):
+        lib = load_looper()
+        timers = lib._Timers('t')
+        rules = lib._Rules([], [], lambda *a: None, timers=timers)
+        helpers = lib._Correlate(rules, 'x.rules', {})
+        for i in range(10000):
+            timers.event({'t': str(i)})
+            helpers.suppress(('key', i), 5)
+            helpers.threshold(('other', i), 2, 5)
+            handle = helpers.after(100, lambda: None)
+            handle.cancel()
+        assert len(helpers.suppressed) <= 7 and len(helpers.thresholds) <= 7
+        assert len(timers.heap) < 200, len(timers.heap)
+
+    def test_rules_state_and_timers_across_a_reload(self, tmp):
+        """State and timers survive a SIGHUP when the rules file is
+        unchanged; a changed file's timers are cancelled and logged."""
+        py_module(tmp, 'feedin', FEED_IN)
+        py_module(tmp, 'rec', RECORDER)
+        rules = ("if inputTokens['n'] == 'arm':\n    after(1.5, lambda: writeTo('a'))\n"
+                 "if inputTokens['n'] == 'armlong':\n    after(3600, lambda: writeTo('a'))\n"
+                 "if suppress('x', 3600):\n    writeTo('a')\n")
+        write(os.path.join(tmp, 'r.rules'), rules)
+        conf = config(tmp, "inputmodulepath = .\noutputmodulepath = .\nrulesfile = r.rules\n"
+                           "logfile = looper.log\ninput i { module = feedin }\n"
+                           "output a { module = rec }\n")
+        logfile = os.path.join(tmp, 'looper.log')
+        looper = Looper(conf)
+
+        def events_in(n):
+            def counted():
+                looper.signal(signal.SIGUSR1)
+                time.sleep(0.05)        # pacing the signals, not synchronizing: the log is
+                return re.search(r'counters: events_in=%d ' % n, read(logfile))
+            return wait_until(counted, what='%d events in' % n)
+        wait_until(lambda: 'starting' in read(logfile))
+        feed(tmp, 'first', 'arm')
+        wait_until(lambda: len(recorded(tmp, 'a')) == 1)
+        looper.signal(signal.SIGHUP)                    # unchanged: the timer and the suppression stay
+        wait_until(lambda: 'reloaded:' in read(logfile))
+        feed(tmp, 'second')
+        wait_until(lambda: len(recorded(tmp, 'a')) == 2, what='the timer after the reload')
+        assert recorded(tmp, 'a')[1] == {}              # the timer's fresh outputTokens
+        feed(tmp, 'armlong')
+        events_in(4)
+        write(os.path.join(tmp, 'r.rules'), rules + '# changed\n')
+        looper.signal(signal.SIGHUP)                    # changed: its timer is cancelled
+        wait_until(lambda: 'its 1 pending timer(s) are cancelled' in read(logfile),
+                   what='the cancel; log:\n' + read(logfile))
+        feed(tmp, 'third', 'END')
+        assert looper.wait() == 0, read(logfile)
+        # The changed file's state started over: 'third' is not suppressed;
+        # the cancelled timer never fired, not even at the end of the input.
+        assert [e.get('n') for e in recorded(tmp, 'a')] == ['first', None, 'third']
+
+    def test_a_timer_s_error_is_a_rules_error_with_its_file_and_line(self, tmp):
+        conf = norules_conf(tmp, "def boom():\n    1 / 0\nafter(1, boom)\n", outputs=('o',))
+        got, p = run_test_mode(conf, 'k=v\ngo\n')
+        assert p.returncode == 1
+        assert re.search(r'r\.rules:2: in a timer \(boom\): ZeroDivisionError', p.stderr.decode()), \
+            p.stderr
+
+    def test_the_correlation_example_on_the_sample_log(self):
+        p = run([os.path.join(EXAMPLES, 'correlate.conf')], cwd='/')
+        assert p.returncode == 0, p.stderr
+        alerts = [dict(re.findall(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)', line)) for line in
+                  p.stdout.splitlines()]
+        kinds = [a['alert'] for a in alerts]
+        assert kinds == ['filesystem', 'ssh-bruteforce', 'filesystem', 'filesystem',
+                         'firewall-digest', 'backup-missing', 'firewall-digest'], p.stdout
+        assert alerts[1]['source'] == '198.51.100.77'
+        assert alerts[5]['date'] == '"Nov 22 07:47:00"'      # 30 minutes after 07:17:00
+        assert alerts[4]['count'] == '2'
+
+
+def _event_time_of(line):
+    """The RFC 3339 time at the start of a log line, in epoch seconds."""
+    return load_looper()._event_time(line.split()[0])
+
+
+##############################################################################
+# Watchfor and the raw path (issue 13): the same deliveries, fewer dicts
+##############################################################################
+
+class TestWatchfor(object):
+
+    def test_chunk_matching_agrees_with_searching_each_event(self):
+        """Property test: the events matching() finds in a chunk are exactly
+        those whose own text the pattern matches, for patterns that anchor,
+        span lines, match `go` lines, reach across events, look behind."""
+        import random
+        lib = load_looper()
+        rng = random.Random(13)
+        values = ['Failed password', 'ok', 'go', 'x=y', '', 'a b', 'Failedgo', 'node=gw1',
+                  '\xe9', 'desc=z']
+        names = ['desc', 'node', 'a', 'go', 'msg']
+        patterns = [r'Failed', r'^desc=.*Failed', r'^node=gw1$', r'go', r'\ngo', r'ok$',
+                    r'a=\nb=', r'desc=[\s\S]*node', r'\Anode', r'ok\Z', r'(?<=desc=)ok',
+                    r'^$', r'=$', r'x=y\nmsg', r'e']
+        for case in range(2000):
+            events = []
+            for _ in range(rng.randint(1, 8)):
+                lines = ['%s=%s' % (rng.choice(names), rng.choice(values))
+                         for _ in range(rng.randint(1, 4))]
+                events.append('\n'.join(lines))
+            text = ''.join(e + '\ngo\n' for e in events)
+            chosen = rng.sample(patterns, rng.randint(1, 3))
+            files = [('f%d' % i, b'', compile('pass', 'f', 'exec'), re.compile(p, re.M))
+                     for i, p in enumerate(chosen)]
+            rules = lib._Rules(files, ['o'], lambda *a: None)
+            got = [i for i, _, _ in rules.matching(text)]
+            expected = [i for i, e in enumerate(events)
+                        if any(re.search(p, e, re.M) for p in chosen)]
+            assert got == expected, (chosen, events, got, expected)
+            for i, start, end in rules.matching(text):
+                assert text[start:end] == events[i]
+
+    def test_a_rules_file_delivers_the_same_with_and_without_its_watchfor(self, tmp):
+        """Property test over generated events, through real runs: the raw
+        path with watchfor gives byte for byte what the rules give on every
+        event without it."""
+        import random
+        rng = random.Random(7)
+        lines = []
+        for i in range(6000):
+            kind = rng.choice(['Failed password for root from 10.0.0.%d' % rng.randint(1, 9),
+                               'Accepted password for bob', 'session opened', 'Failed once',
+                               'CRON job', 'x=Failed password in a value'])
+            lines.append('n=%d\nnode=gw%d\ndesc=%s\ngo\n' % (i, rng.randint(1, 3), kind))
+            if rng.random() < 0.01:
+                lines.append('not a token line\n')          # the careful path, now and then
+        write(os.path.join(tmp, 'events'), ''.join(lines))
+        py_module(tmp, 'src', "import os, sys\nsys.stdin.read()\n"
+                              "data = open('events', 'rb').read()\n"
+                              "for i in range(0, len(data), 7001):\n"
+                              "    os.write(1, data[i:i + 7001])\n")
+        body = ("import re\n"
+                "m = re.search(r'Failed password for (\\S+) from (\\S+)', inputTokens['desc'])\n"
+                "if m:\n"
+                "    outputTokens['user'], outputTokens['source'] = m.groups()\n"
+                "    writeTo('o')\n")
+        outputs = {}
+        for name, rules in (('with', "watchfor = r'^desc=.*Failed password'\n" + body),
+                            ('without', body)):
+            write(os.path.join(tmp, name + '.rules'), rules)
+            conf = config(tmp, "inputmodulepath = .\nrulesfile = %s.rules\n"
+                               "input i { module = src }\n"
+                               "output o { module = logfile_out\n filename = %s.out\n"
+                               " format = json }\n" % (name, name), name + '.conf')
+            p = run([conf])
+            assert p.returncode == 0, p.stderr
+            outputs[name] = [json.loads(l)['tokens'] for l in read(os.path.join(tmp, name + '.out'))
+                             .splitlines()]
+            assert counters(p.stderr)['events_in'] == 6000
+        assert outputs['with'] == outputs['without']
+        assert len(outputs['with']) > 500
+
+    def test_watchfor_must_be_one_string_literal(self, tmp):
+        for rules, message in (("watchfor = 'a' + 'b'\n", 'watchfor must be assigned once'),
+                               ("watchfor = r'('\n", 'watchfor: bad regular expression'),
+                               ("watchfor = 'a'\nwatchfor = 'b'\n", 'watchfor must be assigned once')):
+            conf = norules_conf(tmp, rules, outputs=('o',))
+            p = run(['--check', conf])
+            assert p.returncode == 78 and 'r.rules:' in p.stderr and message in p.stderr, p.stderr
+
+    def test_norules_passes_the_bytes_through_unchanged(self, tmp):
+        """NORULES: events reach the outputs byte for byte as the input wrote
+        them (no parse, no re-encoding), in order, also when a queue is
+        too small for a whole read (then event by event)."""
+        data = ''.join('n=%d\nv=caf\u00e9 \\n %d\ngo\n' % (i, i) for i in range(3000))
+        write(os.path.join(tmp, 'events'), data)
+        py_module(tmp, 'src', "import os, sys\nsys.stdin.read()\nos.write(1, open('events', 'rb').read())\n")
+        sh_module(tmp, 'dump', 'cat > $LOOPER_NAME.bin\n')
+        conf = config(tmp, "inputmodulepath = .\noutputmodulepath = .\n"
+                           "input i { module = src }\noutput big { module = dump }\n"
+                           "output small { module = dump\n queuesize = 7 }\n")
+        p = run([conf])
+        assert p.returncode == 0, p.stderr
+        for name in ('big', 'small'):
+            got = read(os.path.join(tmp, name + '.bin'))
+            assert got.split('configure\n', 1)[1] == data + 'quit\n', name
+
+
+##############################################################################
 # Shipped modules inside Looper
 ##############################################################################
 
@@ -3374,49 +3754,3 @@ class TestBench(object):
         if IN_CI:
             for peer in ('SEC', 'swatch'):
                 assert re.search(r'^\| %s \| [\d.]+ s \|' % peer, p.stdout, re.M), p.stdout
-
-
-class TestSnmpTraps(object):
-    """net-snmp's snmptrapd as an input module (examples/modules/snmptrapd_in),
-    traps sent by net-snmp's snmptrap, routed by examples/rules/traps.rules."""
-
-    def test_traps_from_net_snmp_are_routed_by_the_example(self, tmp):
-        need('snmptrapd')
-        snmptrap = need('snmptrap')
-        port = free_udp_port()
-        conf = read(os.path.join(EXAMPLES, 'traps.conf'))
-        for old, new in (("'modules'", repr(os.path.join(EXAMPLES, 'modules'))),
-                         ("'rules/traps.rules'", repr(os.path.join(EXAMPLES, 'rules', 'traps.rules'))),
-                         ('udp:127.0.0.1:1162', 'udp:127.0.0.1:%d' % port),
-                         ('/tmp/looper-traps.alerts', os.path.join(tmp, 'alerts')),
-                         ('/tmp/looper-traps.log', os.path.join(tmp, 'archive'))):
-            assert old in conf, old
-            conf = conf.replace(old, new)
-        looper = Looper(config(tmp, conf))
-        # snmptrapd prints its banner once it listens.
-        looper.wait_log(r"input 'traps' pid \d+: snmptrapd: NET-SNMP version")
-
-        def send(*args):
-            subprocess.run([snmptrap, '-m', '', '-c'] + list(args), check=True, timeout=DEADLINE,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        target = '127.0.0.1:%d' % port
-        send('wrong', '-v', '2c', target, '', '1.3.6.1.6.3.1.1.5.4')        # refused by snmptrapd
-        send('public', '-v', '2c', target, '', '1.3.6.1.6.3.1.1.5.3',        # linkDown, v2c
-             '1.3.6.1.2.1.2.2.1.1.2', 'i', '2', '1.3.6.1.2.1.2.2.1.2.2', 's', 'eth0 went down')
-        send('public', '-v', '1', target, '1.3.6.1.4.1.8072', '192.0.2.7', '6', '17', '',
-             '1.3.6.1.4.1.8072.1', 's', 'hello')                            # enterprise-specific, v1
-
-        def archive():
-            text = read(os.path.join(tmp, 'archive'))
-            return [json.loads(line)['tokens'] for line in text[:text.rfind('\n') + 1].splitlines()]
-        wait_until(lambda: len(archive()) >= 2, what='two traps in the archive; log:\n' + looper.log())
-        looper.signal(signal.SIGTERM)
-        assert looper.wait() == 0, looper.log()
-        down, v1 = archive()
-        assert down['agent'] == '127.0.0.1' and down['community'] == 'public'
-        assert down['version'] == '2c' and down['name'] == 'linkDown'
-        assert down['.1.3.6.1.2.1.2.2.1.2.2'] == 'eth0 went down'
-        assert v1['version'] == '1' and v1['trap'] == '.1.3.6.1.4.1.8072.0.17'
-        assert v1['.1.3.6.1.4.1.8072.1'] == 'hello'
-        alerts = read(os.path.join(tmp, 'alerts')).splitlines()
-        assert len(alerts) == 1 and alerts[0].split(' ', 1)[1] == 'agent=127.0.0.1 alert=linkDown ifIndex=2'
