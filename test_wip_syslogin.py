@@ -327,3 +327,564 @@ class TestSyslogInSkeleton(object):
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+##############################################################################
+# Step 2: files (formats, several files, one state file, progress)
+##############################################################################
+
+LINES_OF_EVERY_KIND = [
+    'Nov 22 07:39:24 prometheus kernel: Out of memory: Killed process 123',
+    'Nov  2 07:39:24 dope sshd[412]: Failed password for root from 10.0.0.1 port 22 ssh2',
+    '<38>Nov 22 07:39:24 dope sshd[412]: Accepted password for weed',
+    '2026-11-22T07:39:24.123456+00:00 weed CRON[99]: (root) CMD (true)',
+    '<34>1 2026-11-22T07:39:24Z gw1 su 77 ID47 - su root failed',
+    '<34>1 2026-11-22T07:39:24Z gw1 su - ID47 - no procid',
+    'Nov 22 07:39:24 gw1 -- MARK --',
+    'this is not syslog',
+    '<999>Nov 22 07:39:24 gw1 x: y',
+    'Nov 22 07:39:24 gw1 a[]: b',
+    '2026-11-22T08:29:01.762283+00:00 vm myapp[4242] rsyslog writes RFC 5424 so',
+    '2026-11-22T08:29:01.762283+00:00 vm myapp and without a PROCID so',
+    'Nov 22 07:39:24 gw1 foo bar',
+]
+
+
+def src(path='in.log'):
+    return ('source', path)
+
+
+class TestSyslogInFiles(object):
+    """syslog_in reading files.  These replace the syslog_in tests of
+    test_looper.py's TestModules (test_syslog_in_*: same cases, with the
+    `source` token every event now has, exit 78 for configuration errors,
+    and the state file's record per path); TestModules' logfile_out tests
+    are not concerned."""
+
+    # -- formats --------------------------------------------------------------
+
+    def test_tokens_key_chooses_tokens_and_never_drops_a_line(self, tmp):
+        text = ('<34>Nov 22 07:39:24 gw1 sshd[412]: Failed password for root\n'
+                'Nov 22 07:39:25 gw1 cron: no pid here\n'
+                '<165>1 2026-11-22T07:39:26.1Z gw2 app 99 ID7 - rfc 5424\n'
+                'not syslog at all\n')
+        events, p = run_syslog_in(tmp, text, tokens='date, node pid facility')
+        assert p.returncode == 0, p.stderr
+        assert [dict(e) for e in events] == [
+            {'date': 'Nov 22 07:39:24', 'node': 'gw1', 'pid': '412', 'facility': 'auth'},
+            {'date': 'Nov 22 07:39:25', 'node': 'gw1'},
+            {'date': '2026-11-22T07:39:26.1Z', 'node': 'gw2', 'pid': '99', 'facility': 'local4'},
+            {'desc': 'not syslog at all'}]                     # never dropped
+        events, p = run_syslog_in(tmp, text, tokens='pid')
+        assert [dict(e) for e in events] == [
+            {'pid': '412'}, {'desc': 'cron: no pid here'}, {'pid': '99'},
+            {'desc': 'not syslog at all'}]
+        # `source` does not count as content: a line without any chosen
+        # token still gets its desc.
+        events, p = run_syslog_in(tmp, text, tokens='pid source')
+        assert [dict(e) for e in events] == [
+            {'pid': '412', 'source': 'in.log'}, {'desc': 'cron: no pid here', 'source': 'in.log'},
+            {'pid': '99', 'source': 'in.log'}, {'desc': 'not syslog at all', 'source': 'in.log'}]
+
+    def test_fast_and_careful_paths_agree_for_any_tokens(self):
+        """The whole-chunk fast path against the line-by-line one, for every
+        shape of line and several choices of tokens, with and without a
+        tail (source)."""
+        module = load_syslog_in()
+        lines = read(os.path.join(EXAMPLES, 'sample.log')).splitlines() + LINES_OF_EVERY_KIND + [
+            '<13>Nov 22 07:39:24 h p[1]: m', '<999>Nov 22 07:39:24 h p: m', 'Nov 22 07:39:24 h p[1] m',
+            '<165>1 2026-11-22T07:39:26Z h app - - - x', 'x', 'Nov 22 07:39:24 host', '']
+        text = '\n'.join(lines) + '\n'
+        for chosen in (module.TOKENS, ('date', 'node', 'desc'), ('message',), ('pid', 'message'),
+                       ('severity', 'desc'), ('program', 'pid'), ('source',), ('date', 'source')):
+            for tail in ('', '\nsource=x.log'):
+                tail = tail if 'source' in chosen else ''
+                fast = module._Parser(65536, chosen, tail).events(text)
+                careful = ''.join(module._event_slowly(line, frozenset(chosen), tail)
+                                  for line in lines if line)
+                assert fast == careful, (chosen, tail)
+
+    def test_bsd_line(self, tmp):
+        event = one_event(tmp, 'Nov 22 07:39:24 dope sshd[412]: Failed password '
+                               'for root from 10.0.0.1 port 22 ssh2')
+        assert event == [('date', 'Nov 22 07:39:24'), ('node', 'dope'),
+                         ('desc', 'sshd[412]: Failed password for root from 10.0.0.1 port 22 ssh2'),
+                         ('program', 'sshd'), ('pid', '412'),
+                         ('message', 'Failed password for root from 10.0.0.1 port 22 ssh2'), src()]
+
+    def test_bsd_space_padded_day_and_no_pid(self, tmp):
+        event = one_event(tmp, 'Nov  2 07:39:24 prometheus kernel: Out of memory: Killed process 123')
+        assert event == [('date', 'Nov  2 07:39:24'), ('node', 'prometheus'),
+                         ('desc', 'kernel: Out of memory: Killed process 123'),
+                         ('program', 'kernel'), ('message', 'Out of memory: Killed process 123'),
+                         src()]
+
+    @pytest.mark.parametrize('date', ['2026-11-22T07:39:24.123456+00:00', '2026-11-22T07:39:24Z',
+                                      '2026-11-22T07:39:24-05:00'])
+    def test_rfc3339_line(self, tmp, date):
+        event = one_event(tmp, date + ' weed CRON[99]: (root) CMD (true)')
+        assert event == [('date', date), ('node', 'weed'), ('desc', 'CRON[99]: (root) CMD (true)'),
+                         ('program', 'CRON'), ('pid', '99'), ('message', '(root) CMD (true)'), src()]
+
+    def test_tag_with_pid_but_no_colon(self, tmp):
+        # rsyslog's file format for a message it received as RFC 5424.
+        event = one_event(tmp, '2026-11-22T08:29:01.762283+00:00 vm myapp[4242] Failed password for x')
+        assert event == [('date', '2026-11-22T08:29:01.762283+00:00'), ('node', 'vm'),
+                         ('desc', 'myapp[4242] Failed password for x'), ('program', 'myapp'),
+                         ('pid', '4242'), ('message', 'Failed password for x'), src()]
+        assert one_event(tmp, 'Nov 22 07:39:24 gw1 no tag here') == [
+            ('date', 'Nov 22 07:39:24'), ('node', 'gw1'), ('desc', 'no tag here'), src()]
+
+    def test_rfc5424_without_procid_keeps_program(self, tmp):
+        """rsyslog writes an RFC 5424 message without PROCID as `DATE HOST
+        APP MSG` (no colon): with an RFC 3339 date the first word is the
+        program, as rsyslog has it; the raw RFC 5424 form keeps it too."""
+        event = one_event(tmp, '2026-12-01T21:23:30.675859+00:00 vm myapp hello world')
+        assert event == [('date', '2026-12-01T21:23:30.675859+00:00'), ('node', 'vm'),
+                         ('desc', 'myapp hello world'), ('program', 'myapp'),
+                         ('message', 'hello world'), src()]
+        assert dict(one_event(tmp, '2026-12-01T21:23:30Z vm myapp')) == {
+            'date': '2026-12-01T21:23:30Z', 'node': 'vm', 'desc': 'myapp', 'program': 'myapp',
+            'source': 'in.log'}
+        assert 'program' not in dict(one_event(tmp, '2026-12-01T21:23:30Z vm -- MARK --'))
+        event = one_event(tmp, '<13>1 2026-12-01T21:23:30.675859+00:00 vm myapp - - '
+                               '[timeQuality tzKnown="1" isSynced="0"] hello world')
+        assert event == [('date', '2026-12-01T21:23:30.675859+00:00'), ('node', 'vm'),
+                         ('desc', 'myapp: hello world'), ('program', 'myapp'),
+                         ('message', 'hello world'), ('sd', '[timeQuality tzKnown="1" isSynced="0"]'),
+                         ('facility', 'user'), ('severity', 'notice'), src()]
+
+    def test_pri_prefix(self, tmp):
+        event = dict(one_event(tmp, '<38>Nov 22 07:39:24 dope sshd[1]: Accepted'))
+        assert event['facility'] == 'auth' and event['severity'] == 'info'    # 38 = 4*8 + 6
+        assert event['date'] == 'Nov 22 07:39:24' and event['program'] == 'sshd'
+        event = dict(one_event(tmp, '<3>2026-11-22T07:39:24Z gw1 kernel: oops'))
+        assert (event['facility'], event['severity']) == ('kern', 'err')
+        assert 'facility' not in dict(one_event(tmp, 'Nov 22 07:39:24 dope x: y'))
+
+    def test_rfc5424(self, tmp):
+        event = one_event(tmp, '<34>1 2026-11-22T07:39:24.003Z gw1 su 77 ID47 '
+                               '[origin ip="192.0.2.1"] \ufeffsu root failed on /dev/pts/8')
+        assert event == [('date', '2026-11-22T07:39:24.003Z'), ('node', 'gw1'),
+                         ('desc', 'su[77]: su root failed on /dev/pts/8'), ('program', 'su'),
+                         ('pid', '77'), ('message', 'su root failed on /dev/pts/8'),
+                         ('msgid', 'ID47'), ('sd', '[origin ip="192.0.2.1"]'),
+                         ('facility', 'auth'), ('severity', 'crit'), src()]
+        nil = dict(one_event(tmp, '<13>1 - myhost - - - - hello'))
+        assert nil == {'node': 'myhost', 'desc': 'hello', 'message': 'hello',
+                       'facility': 'user', 'severity': 'notice', 'source': 'in.log'}
+
+    @pytest.mark.parametrize('line', ['this is not syslog at all', 'Nov 22 7:39:24 x y: z',
+                                      '<999>Nov 22 07:39:24 gw1 x: y',
+                                      '<34>2 2026-11-22T07:39:24Z h a - - - m',
+                                      '   indented', 'key=value = like'])
+    def test_unparseable_line_is_desc_only(self, tmp, line):
+        assert one_event(tmp, line) == [('desc', line), src()]
+
+    def test_leaves_missing_fields_out(self, tmp):
+        events, p = run_syslog_in(tmp, 'Nov 22 07:39:24 gw1 -- MARK --\n'
+                                       'Nov 22 07:39:24 gw1\n'
+                                       'Nov 22 07:39:24 gw1 last message repeated 3 times\n'
+                                       'Nov 22 07:39:24 gw1 prog[]:\n'
+                                       'Nov 22 07:39:24 gw1 prog: \n')
+        d, n = ('date', 'Nov 22 07:39:24'), ('node', 'gw1')
+        assert events == [
+            [d, n, ('desc', '-- MARK --'), src()],
+            [d, n, src()],
+            [d, n, ('desc', 'last message repeated 3 times'), src()],
+            [d, n, ('desc', 'prog[]:'), ('program', 'prog'), src()],
+            [d, n, ('desc', 'prog: '), ('program', 'prog'), src()]]
+        for event in events:
+            assert all(value for token, value in event)
+
+    def test_skips_only_empty_lines(self, tmp):
+        events, p = run_syslog_in(tmp, '\n\nNov 22 07:39:24 a b: c\n\n \n\n')
+        assert [dict(e).get('desc') for e in events] == ['b: c', ' ']
+
+    def test_crlf_and_inner_cr(self, tmp):
+        events, p = run_syslog_in(tmp, b'Nov 22 07:39:24 a b: c\r\n'
+                                       b'Nov 22 07:39:24 a b: one\rtwo\r\nplain\rtext\r\n')
+        assert p.returncode == 0
+        assert dict(events[0])['message'] == 'c'
+        assert dict(events[1])['message'] == 'one\\rtwo'          # the two characters \ r
+        assert events[2] == [('desc', 'plain\\rtext'), src()]
+        assert b'\r' not in p.stdout
+
+    def test_invalid_utf8_and_nul_pass_through_byte_exact(self, tmp):
+        raw = b'Nov 22 07:39:24 h\xe9 prog: caf\xc3\xa9 \xff\xfe\x00 end\n\xc3(\n'
+        events, p = run_syslog_in(tmp, raw)
+        assert b'node=h\xe9\n' in p.stdout
+        assert b'message=caf\xc3\xa9 \xff\xfe\x00 end\n' in p.stdout
+        assert b'desc=\xc3(\nsource=in.log\ngo\n' in p.stdout
+        assert len(events) == 2
+
+    def test_fast_and_careful_paths_agree(self, tmp):
+        # The chunk-wide parser takes the common shapes; with a small maxline
+        # it is off and every line goes through the line-by-line one.
+        text = '\n'.join(LINES_OF_EVERY_KIND * 50 + ['Nov 22 07:39:24 h p[%d]: m %d' % (i, i)
+                                                     for i in range(100)]) + '\n'
+        fast, p = run_syslog_in(tmp, text)
+        careful, p = run_syslog_in(tmp, text, maxline='2000')
+        assert p.returncode == 0 and p.stderr == b''
+        assert len(fast) == len(LINES_OF_EVERY_KIND) * 50 + 100
+        assert fast == careful
+
+    def test_last_line_without_newline_in_batch_mode(self, tmp):
+        events, p = run_syslog_in(tmp, 'Nov 22 07:39:24 a b: one\nNov 22 07:39:24 a b: two')
+        assert p.returncode == 0
+        assert [dict(e)['message'] for e in events] == ['one', 'two']
+
+    def test_many_lines_split_across_reads(self, tmp):
+        lines = ['Nov 22 07:39:24 host%d prog[%d]: message %d %s' % (i % 7, i, i, 'x' * (i % 300))
+                 for i in range(20000)]
+        events, p = run_syslog_in(tmp, '\n'.join(lines) + '\n')
+        assert p.returncode == 0
+        assert len(events) == 20000
+        assert [dict(e)['pid'] for e in events] == [str(i) for i in range(20000)]
+        assert dict(events[12345])['message'] == 'message 12345 ' + 'x' * (12345 % 300)
+
+    def test_cuts_overlong_lines_and_reports_with_a_count(self, tmp):
+        events, p = run_syslog_in(tmp, ('Nov 22 07:39:24 a b: ' + 'x' * 5000 + '\nnext\n') * 3,
+                                  maxline='1000')
+        assert p.returncode == 0
+        assert len(events) == 6 and events[1] == [('desc', 'next'), src()]
+        assert len(dict(events[0])['desc']) == 1000 - len('Nov 22 07:39:24 a ')
+        said = levels(p.stderr)
+        assert said[0][0] == 4 and 'cut to maxline=1000' in said[0][1] and '1 so far' in said[0][1]
+        assert len([line for line in said if 'cut' in line[1]]) == 1      # throttled
+
+    def test_example_sample_log(self, tmp):
+        sample = os.path.join(EXAMPLES, 'sample.log')
+        events, p = run_syslog_in(tmp, logfile=sample)
+        assert p.returncode == 0
+        with open(sample) as f:
+            assert len(events) == len([line for line in f if line.strip()])
+        kernel = [dict(e)['node'] for e in events if dict(e).get('desc', '').startswith('kernel')]
+        assert {'prometheus', 'dope', 'weed'} <= set(kernel)
+        assert set(dict(e)['source'] for e in events) == {sample}
+
+    def test_original_tokens_give_the_original_output_for_the_sample(self, tmp):
+        """With the tokens the module had before `source`, its output for
+        examples/sample.log is the original module's, byte for byte (the
+        copy in examples/golden/ was made by the module before this work)."""
+        sample = os.path.join(EXAMPLES, 'sample.log')
+        events, p = run_syslog_in(tmp, logfile=sample, tokens=OLD_TOKENS)
+        with open(os.path.join(EXAMPLES, 'golden', 'syslog_in.sample.out'), 'rb') as f:
+            assert p.stdout == f.read()
+
+    # -- configuration and sources --------------------------------------------
+
+    def test_filename_alias_and_unknown_keys(self, tmp):
+        events, p = run_syslog_in(tmp, 'Nov 22 07:39:24 a b: c\n',
+                                  config=b'module=syslog_in\nfilename=in.log\nwhatever=1\n\n')
+        assert p.returncode == 0 and len(events) == 1
+
+    def test_dash_reads_looper_stdin_fd(self, tmp):
+        r, w = os.pipe()
+        os.write(w, b'Nov 22 07:39:24 a b[1]: from the pipe\nnot syslog\n')
+        os.close(w)
+        env = dict(os.environ, LOOPER_STDIN_FD=str(r))
+        p = subprocess.run([PY, SYSLOG_IN], input=b'logfile=-\n', stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, env=env, pass_fds=(r,), timeout=DEADLINE)
+        os.close(r)
+        assert p.returncode == 0, p.stderr
+        assert [dict(e) for e in si_events(p.stdout)] == [
+            {'date': 'Nov 22 07:39:24', 'node': 'a', 'desc': 'b[1]: from the pipe', 'program': 'b',
+             'pid': '1', 'message': 'from the pipe', 'source': '-'},
+            {'desc': 'not syslog', 'source': '-'}]
+
+    def test_dash_without_variable_reads_fd_0(self, tmp):
+        # By hand: the configuration, then (after its EOF) the data on fd 0.
+        events, p = run_syslog_in(tmp, config=b'logfile=-\n', env=dict(
+            (k, v) for k, v in os.environ.items() if k != 'LOOPER_STDIN_FD'))
+        assert p.returncode == 0 and events == []
+
+    def test_start_end_in_batch_mode(self, tmp):
+        events, p = run_syslog_in(tmp, 'Nov 22 07:39:24 a b: c\n', start='end')
+        assert p.returncode == 0 and events == []
+
+    def test_several_files_in_order_each_its_source(self, tmp):
+        write(os.path.join(tmp, 'a.log'), 'Nov 22 07:39:24 a p: 1\nNov 22 07:39:24 a p: 2\n')
+        write(os.path.join(tmp, 'b.log'), 'Nov 22 07:39:24 b p: 3\n')
+        os.mkdir(os.path.join(tmp, 'sub'))
+        write(os.path.join(tmp, 'sub', 'c.log'), 'Nov 22 07:39:24 c p: 4')
+        events, p = run_syslog_in(tmp, logfile='a.log  b.log sub/c.log', statefile='st')
+        assert p.returncode == 0 and p.stderr == b''
+        assert [(dict(e)['message'], dict(e)['source']) for e in events] == [
+            ('1', 'a.log'), ('2', 'a.log'), ('3', 'b.log'), ('4', 'sub/c.log')]
+        state = state_of(os.path.join(tmp, 'st'))
+        assert sorted(state) == ['a.log', 'b.log', 'sub/c.log']
+        for name, size in (('a.log', 46), ('b.log', 23), ('sub/c.log', 22)):
+            assert state[name]['offset'] == size
+            assert state[name]['inode'] == os.stat(os.path.join(tmp, name)).st_ino
+        with open(os.path.join(tmp, 'b.log'), 'a') as f:
+            f.write('Nov 22 07:39:24 b p: 5\n')
+        events, p = run_syslog_in(tmp, logfile='a.log b.log sub/c.log', statefile='st')
+        assert [dict(e)['message'] for e in events] == ['5']
+
+    def test_several_files_errors(self, tmp):
+        write(os.path.join(tmp, 'a.log'), 'x\n')
+        for logfile, message in (('a.log a.log', b"names 'a.log' twice"), ('- -', b"'-' twice"),
+                                 ('a.log missing.log', b"cannot open logfile 'missing.log'")):
+            events, p = run_syslog_in(tmp, logfile=logfile)
+            assert p.returncode == 78 and message in p.stderr and events == [], p.stderr
+
+    def test_follow_several_files_one_missing(self, tmp):
+        write(os.path.join(tmp, 'a.log'), 'Nov 22 07:39:24 a p: 1\n')
+        m = Module(tmp, si_config(logfile='a.log b.log', follow='yes', sleeptime='0.05',
+                                  statefile='st'))
+        try:
+            m.out.wait_events(1)
+            m.wait_err("'b.log' does not exist")
+            write(os.path.join(tmp, 'b.log'), 'Nov 22 07:39:24 b p: 2\n')
+            with open(os.path.join(tmp, 'a.log'), 'a') as f:
+                f.write('Nov 22 07:39:24 a p: 3\n')
+            events = m.out.wait_events(3)
+            got = [(dict(e)['message'], dict(e)['source']) for e in events]
+            assert sorted(got) == [('1', 'a.log'), ('2', 'b.log'), ('3', 'a.log')]
+            wait_until(lambda: sorted(state_of(os.path.join(tmp, 'st'))) == ['a.log', 'b.log'],
+                       what='both files in the state file')
+        finally:
+            m.stop()
+
+    # -- follow mode ----------------------------------------------------------
+
+    def test_follow_picks_up_appended_lines(self, tmp):
+        path, m = follow_module(tmp, 'Nov 22 07:39:24 a b: one\n')
+        try:
+            m.out.wait_events(1)
+            with open(path, 'a') as f:
+                f.write('Nov 22 07:39:25 a b: two\nNov 22 07:39:26 a b: thr')
+            m.out.wait_events(2)
+            with open(path, 'a') as f:                      # the partial line waited
+                f.write('ee\n')
+            events = m.out.wait_events(3)
+            assert [dict(e)['message'] for e in events] == ['one', 'two', 'three']
+            assert m.proc.poll() is None                    # still following
+        finally:
+            m.stop()
+
+    def test_follow_start_end(self, tmp):
+        path, m = follow_module(tmp, 'Nov 22 07:39:24 a b: old\n' * 100, start='end', statefile='st')
+        try:
+            # The state file appears once the module sits at the end of the
+            # file; what is appended after that is all it may send.
+            wait_until(lambda: os.path.exists(os.path.join(tmp, 'st')), what='the state file')
+            assert state_of(os.path.join(tmp, 'st'))['f.log']['offset'] == os.path.getsize(path)
+            with open(path, 'a') as f:
+                f.write('Nov 22 07:39:25 a b: new\n')
+            m.out.wait_events(1)
+            time.sleep(0.2)                                 # nothing else may come
+            assert [dict(e)['message'] for e in m.out.events()] == ['new']
+        finally:
+            m.stop()
+
+    def test_follow_rotation(self, tmp):
+        path, m = follow_module(tmp, 'Nov 22 07:39:24 a b: one\n')
+        try:
+            m.out.wait_events(1)
+            with open(path, 'a') as f:
+                f.write('Nov 22 07:39:25 a b: two')          # no newline yet
+            os.rename(path, path + '.1')
+            with open(path + '.1', 'a') as f:                # written after the rename
+                f.write('\nNov 22 07:39:26 a b: three\n')
+            write(path, 'Nov 22 07:39:27 a b: four\n')
+            events = m.out.wait_events(4)
+            assert [dict(e)['message'] for e in events] == ['one', 'two', 'three', 'four']
+            with open(path, 'a') as f:
+                f.write('Nov 22 07:39:28 a b: five\n')
+            events = m.out.wait_events(5)
+            assert dict(events[4])['message'] == 'five'
+            m.wait_err('rotated')
+        finally:
+            m.stop()
+
+    def test_follow_truncation(self, tmp):
+        path, m = follow_module(tmp, 'Nov 22 07:39:24 a b: one\nNov 22 07:39:24 a b: two\n')
+        try:
+            m.out.wait_events(2)
+            with open(path, 'w') as f:                       # copytruncate, then a new line
+                f.write('Nov 22 07:39:25 a b: 3\n')
+            events = m.out.wait_events(3)
+            assert [dict(e)['message'] for e in events] == ['one', 'two', '3']
+            m.wait_err('truncated')
+        finally:
+            m.stop()
+
+    def test_sigterm_records_the_state(self, tmp):
+        path, m = follow_module(tmp, 'Nov 22 07:39:24 a b: one\n', sleeptime='30', statefile='st')
+        try:
+            m.out.wait_events(1)
+            wait_until(lambda: os.path.exists(os.path.join(tmp, 'st')), what='the state file')
+            m.proc.send_signal(signal.SIGTERM)
+            assert m.wait_exit() == -signal.SIGTERM         # well before the 30 s poll
+            assert b'Traceback' not in m.err.data
+            assert state_of(os.path.join(tmp, 'st'))['f.log']['offset'] == 25
+        finally:
+            m.stop()
+
+    def test_broken_pipe_is_quiet(self, tmp):
+        with open(os.path.join(tmp, 'big.log'), 'w') as f:
+            f.write('Nov 22 07:39:24 a b[1]: some message here\n' * 200000)
+        p = subprocess.Popen([PY, SYSLOG_IN], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, cwd=tmp)
+        try:
+            p.stdin.write(b'logfile=big.log\n')
+            p.stdin.close()
+            p.stdout.read(1000)
+            p.stdout.close()                                # the reader goes away
+            assert p.wait(timeout=DEADLINE) == 1
+            assert p.stderr.read() == b''
+        finally:
+            if p.poll() is None:
+                p.kill()
+            p.stderr.close()
+
+    # -- state file -----------------------------------------------------------
+
+    def test_statefile_resume_no_dup_no_skip(self, tmp):
+        path = os.path.join(tmp, 'f.log')
+        write(path, ''.join('Nov 22 07:39:24 a b: %d\n' % i for i in range(3)))
+        again = lambda: run_syslog_in(tmp, logfile='f.log', statefile='f.state')
+        events, p = again()
+        assert [dict(e)['message'] for e in events] == ['0', '1', '2']
+        state = state_of(os.path.join(tmp, 'f.state'))['f.log']
+        assert state['offset'] == os.path.getsize(path) and state['inode'] == os.stat(path).st_ino
+        events, p = again()
+        assert events == [] and p.returncode == 0               # nothing new
+        with open(path, 'a') as f:
+            f.write(''.join('Nov 22 07:39:24 a b: %d\n' % i for i in range(3, 5)))
+        events, p = again()
+        assert [dict(e)['message'] for e in events] == ['3', '4']
+        assert p.stderr == b''
+
+    def test_statefile_new_inode_or_shorter_file_reads_from_top(self, tmp):
+        path = os.path.join(tmp, 'f.log')
+        write(path, 'Nov 22 07:39:24 a b: old1\nNov 22 07:39:24 a b: old2\n')
+        again = lambda: run_syslog_in(tmp, logfile='f.log', statefile='f.state')
+        assert len(again()[0]) == 2
+        os.rename(path, path + '.1')
+        write(path, 'Nov 22 07:39:24 a b: new\n')                # a new inode
+        events, p = again()
+        assert [dict(e)['message'] for e in events] == ['new']
+        assert b'new file' in p.stderr and levels(p.stderr)[0][0] == 6
+        with open(path, 'w') as f:                               # same inode, truncated
+            f.write('Nov 22 07:39:24 a b: x\n')
+        events, p = again()
+        assert [dict(e)['message'] for e in events] == ['x']
+        assert b'shorter' in p.stderr
+
+    def test_statefile_of_the_original_module_is_read(self, tmp):
+        path = os.path.join(tmp, 'f.log')
+        write(path, 'Nov 22 07:39:24 a b: 1\nNov 22 07:39:24 a b: 2\n')
+        st = os.stat(path)
+        write(os.path.join(tmp, 'st'), '{"path": "f.log", "dev": %d, "inode": %d, "offset": 23}'
+              '                    \n' % (st.st_dev, st.st_ino))
+        events, p = run_syslog_in(tmp, logfile='f.log', statefile='st')
+        assert [dict(e)['message'] for e in events] == ['2'] and p.stderr == b''
+        assert state_of(os.path.join(tmp, 'st'))['f.log']['offset'] == 46
+
+    def test_statefile_damaged_is_reported_and_read_from_start(self, tmp):
+        write(os.path.join(tmp, 'in.log'), 'Nov 22 07:39:24 a b: 1\n')
+        write(os.path.join(tmp, 'st'), '{"files": {"in.log": {"inode": "x"')
+        events, p = run_syslog_in(tmp, logfile='in.log', statefile='st')
+        assert len(events) == 1 and levels(p.stderr)[0][0] == 4 and b'damaged' in p.stderr
+        assert state_of(os.path.join(tmp, 'st'))['in.log']['offset'] == 23
+
+    def test_statefile_updated_in_place_then_replaced_when_it_outgrows_its_room(self, tmp):
+        """Offsets are written in place (same inode), a record too long for
+        its room (or a page) by an atomic replace (a new inode)."""
+        module = load_syslog_in()
+        state = module._State(os.path.join(tmp, 'st'))
+        state.save({'a': (1, 2, 3)})
+        first = os.stat(os.path.join(tmp, 'st')).st_ino
+        for offset in (10, 1000, 123456):
+            state.save({'a': (1, 2, offset)})
+            assert os.stat(os.path.join(tmp, 'st')).st_ino == first
+            assert state_of(os.path.join(tmp, 'st')) == {'a': {'dev': 1, 'inode': 2, 'offset': offset}}
+        state.save({'a': (1, 2, 10 ** 40)})                     # over the slack: replaced
+        assert os.stat(os.path.join(tmp, 'st')).st_ino != first
+        big = dict(('file%03d.log' % i, (1, i, i)) for i in range(100))
+        state.save(big)
+        assert os.path.getsize(os.path.join(tmp, 'st')) > 4096
+        second = os.stat(os.path.join(tmp, 'st')).st_ino
+        big['file001.log'] = (1, 1, 2)
+        state.save(big)                                         # over a page: replaced
+        assert os.stat(os.path.join(tmp, 'st')).st_ino != second
+        assert state_of(os.path.join(tmp, 'st'))['file001.log']['offset'] == 2
+        state.close()
+
+    def test_statefile_follow_then_restart(self, tmp):
+        path = os.path.join(tmp, 'f.log')
+        write(path, 'Nov 22 07:39:24 a b: 1\n')
+        conf = si_config(logfile='f.log', follow='yes', sleeptime='0.05', statefile='st')
+        m = Module(tmp, conf)
+        try:
+            m.out.wait_events(1)
+            with open(path, 'a') as f:
+                f.write('Nov 22 07:39:24 a b: 2\n')
+            m.out.wait_events(2)
+            size = os.path.getsize(path)
+            wait_until(lambda: os.path.exists(os.path.join(tmp, 'st')) and
+                       state_of(os.path.join(tmp, 'st'))['f.log']['offset'] == size,
+                       what='the state file to reach the end')
+        finally:
+            m.stop()                                             # SIGKILL: no goodbye
+        with open(path, 'a') as f:
+            f.write('Nov 22 07:39:24 a b: 3\n')
+        m = Module(tmp, conf)
+        try:
+            m.out.wait_events(1)
+            time.sleep(0.2)
+            assert [dict(e)['message'] for e in m.out.events()] == ['3']
+        finally:
+            m.stop()
+
+    # -- progress -------------------------------------------------------------
+
+    def test_progress_lines_only_with_looper_progress(self, tmp):
+        write(os.path.join(tmp, 'a.log'), 'Nov 22 07:39:24 a p: 1\n' * 1000)
+        write(os.path.join(tmp, 'b.log'), 'Nov 22 07:39:24 b p: 2\n' * 1000)
+        events, p = run_syslog_in(tmp, logfile='a.log b.log')
+        assert len(events) == 2000 and p.stderr == b''
+        env = dict(os.environ, LOOPER_PROGRESS='1')
+        events, p = run_syslog_in(tmp, logfile='a.log b.log', env=env)
+        assert len(events) == 2000
+        lines = p.stderr.decode().splitlines()
+        assert lines and all(re.match(r'progress \d+ \d+$', line) for line in lines), lines
+        assert lines[-1] == 'progress 46000 46000'
+        assert len(lines) <= 3                     # at most every 0.5 s, and the last one
+        # Looper's stdin, a pipe: the total is unknown (0).
+        r, w = os.pipe()
+        os.write(w, b'Nov 22 07:39:24 a b[1]: x\n')
+        os.close(w)
+        p = subprocess.run([PY, SYSLOG_IN], input=b'logfile=-\n', stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, pass_fds=(r,), timeout=DEADLINE,
+                           env=dict(env, LOOPER_STDIN_FD=str(r)))
+        os.close(r)
+        assert p.stderr.decode().splitlines()[-1] == 'progress 26 0'
+
+    def test_progress_in_a_long_batch_run_comes_twice_a_second(self, tmp):
+        """A slow reader of the events (a pipe read bit by bit) makes the run
+        last: the progress lines come about every 0.5 s, DONE growing."""
+        write(os.path.join(tmp, 'a.log'), 'Nov 22 07:39:24 a p[1]: %s\n' % ('x' * 100) * 20000)
+        p = subprocess.Popen([PY, SYSLOG_IN], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, cwd=tmp, env=dict(os.environ, LOOPER_PROGRESS='1'))
+        err = Stream(p.stderr)
+        try:
+            p.stdin.write(b'logfile=a.log\n')
+            p.stdin.close()
+            started = time.monotonic()
+            while p.poll() is None and time.monotonic() - started < 1.6:
+                p.stdout.read(20000)
+                time.sleep(0.02)
+            p.stdout.read()
+            assert p.wait(DEADLINE) == 0
+            lines = err.data.decode().splitlines()
+            done = [int(line.split()[1]) for line in lines]
+            assert len(set(done)) >= 3 and done == sorted(done), lines
+            assert lines[-1] == 'progress %d %d' % (125 * 20000, 125 * 20000)
+        finally:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
