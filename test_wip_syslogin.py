@@ -888,3 +888,183 @@ class TestSyslogInFiles(object):
             if p.poll() is None:
                 p.kill()
             p.wait()
+
+
+##############################################################################
+# Step 3: acknowledged input (ack = yes)
+##############################################################################
+
+def ack_module(directory, **keys):
+    """syslog_in in ack mode, as Looper starts it: the configuration, then
+    `configure`, stdin kept open for the `ok` lines."""
+    keys.setdefault('ack', 'yes')
+    return Module(directory, si_config(**keys) + b'configure\n', stdin_open=True)
+
+
+def offset_in(directory, name='st', path='f.log'):
+    try:
+        return state_of(os.path.join(directory, name))[path]['offset']
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+class TestSyslogInAck(object):
+
+    def test_state_advances_only_past_acknowledged_lines(self, tmp):
+        path = os.path.join(tmp, 'f.log')
+        with open(path, 'wb') as f:
+            f.write(b'Nov 22 07:39:24 a b: one\n\nNov 22 07:39:24 a b: two\r\n\r\n'
+                    b'Nov 22 07:39:24 a b: three\n')
+        m = ack_module(tmp, logfile='f.log', statefile='st')
+        try:
+            events = m.out.wait_events(3)
+            assert [dict(e)['message'] for e in events] == ['one', 'two', 'three']
+            wait_until(lambda: offset_in(tmp) == 0, what='the state file at 0')
+            time.sleep(0.2)
+            assert offset_in(tmp) == 0 and m.proc.poll() is None    # waits for the oks
+            m.send('ok\n')
+            wait_until(lambda: offset_in(tmp) == 25, what='offset after line one')
+            m.send('ok\n')
+            wait_until(lambda: offset_in(tmp) == 52, what='offset after line two (CRLF)')
+            m.send('ok\n')                                  # the last: a batch run ends
+            assert m.wait_exit() == 0
+            assert offset_in(tmp) == os.path.getsize(path)
+            assert b'Traceback' not in m.err.data
+        finally:
+            m.stop()
+
+    def test_kill_then_restart_resumes_at_the_first_unacknowledged_line(self, tmp):
+        path = os.path.join(tmp, 'f.log')
+        write(path, ''.join('Nov 22 07:39:24 a b: %d\n' % i for i in range(1000)))
+        m = ack_module(tmp, logfile='f.log', statefile='st', follow='yes', sleeptime='0.05')
+        try:
+            m.out.wait_events(1000)
+            m.send('ok\n' * 400)
+            wait_until(lambda: offset_in(tmp) == 400 * 22 + sum(len(str(i)) for i in range(400)),
+                       what='the offset of 400 lines')
+        finally:
+            m.stop()                                        # SIGKILL
+        m = ack_module(tmp, logfile='f.log', statefile='st', follow='yes', sleeptime='0.05')
+        try:
+            events = m.out.wait_events(600)
+            assert [int(dict(e)['message']) for e in events] == list(range(400, 1000))
+        finally:
+            m.stop()
+
+    def test_eof_on_stdin_saves_and_exits(self, tmp):
+        path = os.path.join(tmp, 'f.log')
+        write(path, 'Nov 22 07:39:24 a b: 1\nNov 22 07:39:24 a b: 2\n')
+        m = ack_module(tmp, logfile='f.log', statefile='st', follow='yes', sleeptime='30')
+        try:
+            m.out.wait_events(2)
+            m.send('ok\n')
+            m.proc.stdin.close()                            # Looper is gone
+            assert m.wait_exit(5) == 0
+            assert offset_in(tmp) == 23
+        finally:
+            m.stop()
+
+    def test_ack_without_configure_runs_without_ack(self, tmp):
+        write(os.path.join(tmp, 'f.log'), 'Nov 22 07:39:24 a b: 1\n')
+        events, p = run_syslog_in(tmp, logfile='f.log', ack='yes', statefile='st')
+        assert p.returncode == 0 and len(events) == 1
+        assert b'without `configure`' in p.stderr and levels(p.stderr)[0][0] == 4
+        assert offset_in(tmp) == 23
+
+    def test_window_stops_reading_until_acks_come(self, tmp):
+        module = load_syslog_in()
+        window = module.ACK_WINDOW
+        total = window + 5000
+        write(os.path.join(tmp, 'f.log'), ''.join('Nov 22 07:39:24 a b: %d\n' % i
+                                                  for i in range(total)))
+        m = ack_module(tmp, logfile='f.log', statefile='st')
+        try:
+            m.out.wait_events(window)
+            time.sleep(0.5)
+            sent = len(m.out.events())
+            assert window <= sent < window + 2000, sent        # a chunk past it at most
+            m.send('ok\n' * sent)
+            m.out.wait_events(total)
+            m.send('ok\n' * (total - sent))
+            assert m.wait_exit() == 0
+            assert [int(dict(e)['message']) for e in m.out.events()] == list(range(total))
+        finally:
+            m.stop()
+
+    def test_rotation_keeps_the_old_file_in_the_state_until_acknowledged(self, tmp):
+        path = os.path.join(tmp, 'f.log')
+        write(path, 'Nov 22 07:39:24 a b: old\n')
+        old_inode = os.stat(path).st_ino
+        m = ack_module(tmp, logfile='f.log', statefile='st', follow='yes', sleeptime='0.05')
+        try:
+            m.out.wait_events(1)
+            os.rename(path, path + '.1')
+            write(path, 'Nov 22 07:39:24 a b: new\n')
+            m.out.wait_events(2)
+            time.sleep(0.2)
+            entry = state_of(os.path.join(tmp, 'st'))['f.log']
+            assert (entry['inode'], entry['offset']) == (old_inode, 0)
+            m.send('ok\n')
+            wait_until(lambda: state_of(os.path.join(tmp, 'st'))['f.log']['inode'] != old_inode,
+                       what='the new file in the state file')
+            assert state_of(os.path.join(tmp, 'st'))['f.log']['offset'] == 0
+            m.send('ok\n')
+            wait_until(lambda: offset_in(tmp) == 25, what='the new file acknowledged')
+        finally:
+            m.stop()
+
+    def test_several_files_interleaved_acks(self, tmp):
+        write(os.path.join(tmp, 'a.log'), 'Nov 22 07:39:24 a p: a1\nNov 22 07:39:24 a p: a2\n')
+        write(os.path.join(tmp, 'b.log'), 'Nov 22 07:39:24 b p: b1\n')
+        m = ack_module(tmp, logfile='a.log b.log', statefile='st', follow='yes', sleeptime='0.05')
+        try:
+            m.out.wait_events(3)
+            order = [dict(e)['message'] for e in m.out.events()]
+            acked = {'a.log': 0, 'b.log': 0}
+            for i, message in enumerate(order):
+                m.send('ok\n')
+                name = message[0] + '.log'
+                acked[name] += 24
+                wait_until(lambda: all(offset_in(tmp, path=n) == acked[n] for n in acked),
+                           what='offsets %r after %d oks' % (acked, i + 1))
+        finally:
+            m.stop()
+
+    def test_extra_ok_and_odd_lines_are_reported_not_fatal(self, tmp):
+        write(os.path.join(tmp, 'f.log'), 'Nov 22 07:39:24 a b: 1\n')
+        m = ack_module(tmp, logfile='f.log', statefile='st', follow='yes', sleeptime='0.05')
+        try:
+            m.out.wait_events(1)
+            m.send('ok\nok\nhello\n')
+            m.wait_err('for no event')
+            m.wait_err("not `ok`: 'hello'")
+            with open(os.path.join(tmp, 'f.log'), 'a') as f:
+                f.write('Nov 22 07:39:24 a b: 2\n')
+            m.out.wait_events(2)
+            m.send('ok\n')
+            wait_until(lambda: offset_in(tmp) == 46, what='the second line acknowledged')
+        finally:
+            m.stop()
+
+    def test_dash_in_ack_mode(self, tmp):
+        r, w = os.pipe()
+        p = subprocess.Popen([PY, SYSLOG_IN], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, pass_fds=(r,),
+                             env=dict(os.environ, LOOPER_STDIN_FD=str(r)))
+        os.close(r)
+        out = Stream(p.stdout)
+        try:
+            p.stdin.write(b'logfile=-\nack=yes\nconfigure\n')
+            p.stdin.flush()
+            os.write(w, b'Nov 22 07:39:24 a b[1]: x\n')
+            out.wait_events(1)
+            os.write(w, b'Nov 22 07:39:24 a b[1]: y\n')
+            os.close(w)
+            out.wait_events(2)
+            p.stdin.write(b'ok\nok\n')
+            p.stdin.flush()
+            assert p.wait(DEADLINE) == 0
+        finally:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
