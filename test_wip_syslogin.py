@@ -149,8 +149,16 @@ class Module(object):
         self.proc.stdin.flush()
 
     def wait_err(self, pattern, timeout=DEADLINE):
-        return wait_until(lambda: re.search(pattern, self.err.data.decode('utf-8', 'replace')),
-                          timeout, 'stderr %r (have %r)' % (pattern, self.err.data[-2000:]))
+        deadline = time.monotonic() + timeout
+        while True:
+            found = re.search(pattern, self.err.data.decode('utf-8', 'replace'))
+            if found:
+                return found
+            if time.monotonic() > deadline:
+                raise AssertionError('timed out after %g s waiting for stderr %r (have %r, '
+                                     'exit status %r)' % (timeout, pattern, self.err.data[-2000:],
+                                                          self.proc.poll()))
+            time.sleep(0.01)
 
     def wait_exit(self, timeout=DEADLINE):
         return self.proc.wait(timeout=timeout)
@@ -194,7 +202,7 @@ class TestSyslogInSkeleton(object):
         declaration = lines[1:lines.index('# ///') + 1]
         assert "# kind = 'input'" in declaration and "# ack = 'no'" in declaration
         keys = [line for line in declaration if line.startswith('# keys = ')][0]
-        for key in ('logfile', 'follow', 'statefile', 'tokens', 'maxline'):
+        for key in ('logfile', 'follow', 'statefile', 'listen', 'allow', 'tokens', 'maxline'):
             assert key in keys.split("'")[1].split(), key
         template = read(os.path.join(EXAMPLES, 'modules', 'template_in'))
         begin, end = ('# ----- Looper module protocol: the same, byte for byte, in every shipped '
@@ -204,6 +212,22 @@ class TestSyslogInSkeleton(object):
             return source[source.index(begin):source.index(end) + len(end)]
         assert block(text) == block(template)
         assert os.stat(SYSLOG_IN).st_mode & 0o111
+
+    def test_relp_block_is_the_shared_one(self):
+        """The RELP codec is one marked block, the same in syslog_in and
+        syslog_out (when that module is there)."""
+        begin = '# ----- RELP codec: the same, byte for byte, in syslog_in and syslog_out -----'
+        end = '# ----- end of the RELP codec -----'
+
+        def block(source):
+            return source[source.index(begin):source.index(end) + len(end)]
+        mine = block(read(SYSLOG_IN))
+        assert 'class RelpParser' in mine
+        others = [path for path in (os.path.join(MODULES, 'syslog_out'),
+                                    os.path.join(HERE, '..', '..', 'blocks', 'relp_block.py'))
+                  if begin in read(path)]
+        for path in others:
+            assert block(read(path)) == mine, path
 
     def test_help_prints_the_docstring_and_starts_nothing(self, tmp):
         p = subprocess.run([PY, SYSLOG_IN, '--help'], stdout=subprocess.PIPE,
@@ -1068,3 +1092,588 @@ class TestSyslogInAck(object):
             if p.poll() is None:
                 p.kill()
             p.wait()
+
+
+##############################################################################
+# Step 4: the network (UDP, TCP, Unix datagrams, RELP)
+##############################################################################
+
+def net_module(directory, listen, ack=False, env=None, **keys):
+    """syslog_in listening (`:0` ports: the kernel picks one); returns the
+    module and the listeners as it reports them, in order: a list of
+    (kind, host, port) or ('unix', path, None)."""
+    keys.setdefault('idletimeout', '60')
+    if ack:
+        m = Module(directory, si_config(listen=listen, ack='yes', **keys) + b'configure\n',
+                   env=env, stdin_open=True)
+    else:
+        m = Module(directory, si_config(listen=listen, **keys), env=env)
+    count = len(listen.split())
+    m.wait_err(r'(listening on \S+\n(.*\n)*?.*){%d}' % count)
+    found = []
+    for line in m.err.data.decode().splitlines():
+        hit = re.search(r'listening on (udp|tcp|relp):\[?([^\]]*?)\]?:(\d+)$', line)
+        if hit:
+            found.append((hit.group(1), hit.group(2), int(hit.group(3))))
+        hit = re.search(r'listening on unix:(.*)$', line)
+        if hit:
+            found.append(('unix', hit.group(1), None))
+    assert len(found) == count, m.err.data
+    return m, found
+
+
+def family_of(host):
+    return socket.AF_INET6 if ':' in host else socket.AF_INET
+
+
+def udp_send(host, port, *datagrams):
+    s = socket.socket(family_of(host), socket.SOCK_DGRAM)
+    try:
+        for data in datagrams:
+            s.sendto(data, (host, port))
+        return s.getsockname()
+    finally:
+        s.close()
+
+
+def tcp_connect(host, port):
+    return socket.create_connection((host, port), timeout=DEADLINE)
+
+
+def fd_count(pid):
+    return len(os.listdir('/proc/%d/fd' % pid))
+
+
+class RelpClient(object):
+    """A minimal RELP client (its own framing, not the module's codec):
+    open, syslog frames, close; rsp frames read back as {txnr: text}."""
+
+    def __init__(self, host, port):
+        self.sock = tcp_connect(host, port)
+        self.txnr = 0
+        self.rsps = {}
+        self.other = []             # frames that are not rsp (serverclose)
+        self._buf = b''
+
+    def frame(self, command, data=b''):
+        self.txnr += 1
+        if data:
+            self.sock.sendall(b'%d %s %d %s\n' % (self.txnr, command.encode(), len(data), data))
+        else:
+            self.sock.sendall(b'%d %s 0\n' % (self.txnr, command.encode()))
+        return self.txnr
+
+    def open(self):
+        txnr = self.frame('open', b'relp_version=0\nrelp_software=test,1\ncommands=syslog')
+        return self.wait(txnr)
+
+    def poll(self, timeout=0.05):
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(65536)
+        except socket.timeout:
+            return True
+        if not data:
+            return False
+        self._buf += data
+        while True:
+            m = re.match(rb'(\d+) (\w+) (\d+)[ \n]', self._buf)
+            if not m:
+                break
+            length = int(m.group(3))
+            start = m.end() if self._buf[m.end() - 1:m.end()] == b' ' else m.end()
+            if length and len(self._buf) < start + length + 1:
+                break
+            body = self._buf[start:start + length]
+            end = start + length + (1 if length else 0)
+            if length:
+                assert self._buf[end - 1:end] == b'\n', self._buf[:80]
+            self._buf = self._buf[end:]
+            if m.group(2) == b'rsp':
+                self.rsps[int(m.group(1))] = body
+            else:
+                self.other.append((int(m.group(1)), m.group(2), body))
+        return True
+
+    def wait(self, txnr, timeout=DEADLINE):
+        wait_until(lambda: txnr in self.rsps or not self.poll(), timeout,
+                   'rsp %d (have %r)' % (txnr, sorted(self.rsps)))
+        return self.rsps.get(txnr)
+
+    def close(self):
+        self.sock.close()
+
+
+class TestSyslogInNetwork(object):
+
+    # -- configuration --------------------------------------------------------
+
+    @pytest.mark.parametrize('listen, message', [
+        ('udp:127.0.0.1', b'needs a port'),
+        ('smtp:127.0.0.1:25', b'is not udp:HOST:PORT'),
+        ('udp:::1:514', b'IPv6 address in brackets'),
+        ('udp::5514', b'needs a host'),
+        ('tcp:127.0.0.1:70000', b'needs a port from 0 to 65535'),
+        ('udp:no.such.host.invalid:5514', b"cannot use host 'no.such.host.invalid'"),
+        ('tcp:127.0.0.1:5514 tcp:127.0.0.1:5514', b'twice'),
+        ('unix:', b'is not udp'),
+        ('udp:192.0.2.1:5514', b'Cannot assign requested address'),     # not an address here
+    ])
+    def test_bad_listen_exits_78(self, tmp, listen, message):
+        events, p = run_syslog_in(tmp, config=si_config(listen=listen))
+        assert p.returncode == 78 and message in p.stderr, p.stderr
+        assert levels(p.stderr)[-1][0] == 3
+
+    @pytest.mark.parametrize('keys, message', [
+        ({'allow': '10.0.0.0/33'}, b"allow: '10.0.0.0/33' is not a network"),
+        ({'maxconnections': '0'}, b'maxconnections must be'),
+        ({'idletimeout': 'soon'}, b'idletimeout must be'),
+        ({'maxunacked': '0'}, b'maxunacked must be'),
+    ])
+    def test_bad_limits_exit_78(self, tmp, keys, message):
+        events, p = run_syslog_in(tmp, config=si_config(listen='udp:127.0.0.1:0', **keys))
+        assert p.returncode == 78 and message in p.stderr, p.stderr
+
+    def test_privileged_port_without_permission_exits_78_with_a_hint(self, tmp):
+        setpriv = need('setpriv')
+        if os.geteuid() != 0:
+            pytest.skip('needs root, to drop CAP_NET_BIND_SERVICE')
+        if int(read('/proc/sys/net/ipv4/ip_unprivileged_port_start', '1024') or 1024) <= 514:
+            pytest.skip('every port is unprivileged here')
+        # As root without CAP_NET_BIND_SERVICE in the bounding set (so the
+        # exec'd interpreter does not get it): what an unprivileged user sees.
+        p = subprocess.run([setpriv, '--bounding-set=-net_bind_service', PY, SYSLOG_IN],
+                           input=si_config(listen='udp:127.0.0.1:514'), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, timeout=DEADLINE)
+        assert p.returncode == 78, p.stderr
+        assert b'Permission denied' in p.stderr and b'above 1023' in p.stderr
+        assert b'CAP_NET_BIND_SERVICE' in p.stderr and p.stderr.count(b'\n') == 1
+
+    def test_address_in_use_exits_1_to_be_restarted(self, tmp):
+        busy = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        busy.bind(('127.0.0.1', 0))
+        try:
+            events, p = run_syslog_in(tmp, config=si_config(
+                listen='udp:127.0.0.1:%d' % busy.getsockname()[1]))
+            assert p.returncode == 1 and b'already in use' in p.stderr
+        finally:
+            busy.close()
+
+    # -- UDP ------------------------------------------------------------------
+
+    def test_udp_every_token(self, tmp):
+        m, ((kind, host, port),) = net_module(tmp, 'udp:127.0.0.1:0')
+        try:
+            sender = udp_send(host, port, b'<38>Nov 22 07:39:24 dope sshd[412]: Accepted password',
+                              b'<165>1 2026-11-22T07:39:26.1Z gw2 app - ID7 [x@1 a="b"] rfc 5424\n',
+                              b'no syslog at all')
+            events = m.out.wait_events(3)
+            source = 'udp:127.0.0.1:%d' % port
+            assert events == [
+                [('date', 'Nov 22 07:39:24'), ('node', 'dope'), ('desc', 'sshd[412]: Accepted password'),
+                 ('program', 'sshd'), ('pid', '412'), ('message', 'Accepted password'),
+                 ('facility', 'auth'), ('severity', 'info'), ('fromhost', '127.0.0.1'),
+                 ('source', source)],
+                [('date', '2026-11-22T07:39:26.1Z'), ('node', 'gw2'), ('desc', 'app: rfc 5424'),
+                 ('program', 'app'), ('message', 'rfc 5424'), ('msgid', 'ID7'),
+                 ('sd', '[x@1 a="b"]'), ('facility', 'local4'), ('severity', 'notice'),
+                 ('fromhost', '127.0.0.1'), ('source', source)],
+                [('desc', 'no syslog at all'), ('fromhost', '127.0.0.1'), ('source', source)]]
+        finally:
+            m.stop()
+
+    def test_udp_ipv6(self, tmp):
+        if not socket.has_ipv6:
+            pytest.skip('no IPv6')
+        try:
+            probe = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            probe.bind(('::1', 0))
+            probe.close()
+        except OSError:
+            pytest.skip('no ::1 here')
+        m, ((kind, host, port),) = net_module(tmp, 'udp:[::1]:0', tokens='message fromhost source')
+        try:
+            udp_send('::1', port, b'<13>Nov 22 07:39:24 h p: over six')
+            assert m.out.wait_events(1) == [[('message', 'over six'), ('fromhost', '::1'),
+                                             ('source', 'udp:[::1]:%d' % port)]]
+        finally:
+            m.stop()
+
+    def test_udp_hygiene_cut_nul_utf8_newlines_empty(self, tmp):
+        m, ((kind, host, port),) = net_module(tmp, 'udp:127.0.0.1:0', maxline='100',
+                                              tokens='message desc')
+        try:
+            udp_send(host, port, b'<13>Nov 22 07:39:24 h p: ' + b'x' * 500,
+                     b'<13>Nov 22 07:39:24 h p: a\x00b \xff\xfe caf\xc3\xa9\x00\x00',
+                     b'<13>Nov 22 07:39:24 h p: line1\nline2\r\n',
+                     b'\n\x00', b'<13>Nov 22 07:39:24 h p: last')
+            events = m.out.wait_events(4)
+            assert len(dict(events[0])['desc']) == 100 - len('<13>Nov 22 07:39:24 h ')
+            assert dict(events[1])['message'] == 'a\x00b \udcff\udcfe caf\xe9'
+            assert b'message=a\x00b \xff\xfe caf\xc3\xa9\n' in m.out.data      # byte exact
+            assert dict(events[2])['message'] == 'line1\\nline2'
+            assert dict(events[3])['message'] == 'last'                   # the empty one skipped
+            m.wait_err(r'message of 525 bytes from 127.0.0.1 was cut to maxline=100')
+            m.proc.send_signal(signal.SIGUSR1)
+            counts = m.wait_err(r'counts: (.*)').group(1)
+            for kind in ('cut=1', 'empty=1', 'invalid_utf8=1', 'nul=1', 'messages=4'):
+                assert kind in counts.split(), counts
+        finally:
+            m.stop()
+
+    def test_allow_refuses_others_udp_and_tcp(self, tmp):
+        m, found = net_module(tmp, 'udp:127.0.0.1:0 tcp:127.0.0.1:0', allow='10.0.0.0/8 ::1')
+        try:
+            (u, uhost, uport), (t, thost, tport) = found
+            udp_send(uhost, uport, b'<13>Nov 22 07:39:24 h p: refused')
+            m.wait_err(r'refused a datagram from 127.0.0.1 on udp:')
+            c = tcp_connect(thost, tport)
+            c.settimeout(DEADLINE)
+            assert c.recv(10) == b''                                # closed at once
+            c.close()
+            m.wait_err(r'refused a connection from 127.0.0.1 on tcp:')
+            assert m.out.data == b''
+        finally:
+            m.stop()
+        m, ((kind, host, port),) = net_module(tmp, 'udp:127.0.0.1:0', allow='127.0.0.0/8')
+        try:
+            udp_send(host, port, b'<13>Nov 22 07:39:24 h p: welcome')
+            assert dict(m.out.wait_events(1)[0])['message'] == 'welcome'
+        finally:
+            m.stop()
+
+    # -- TCP ------------------------------------------------------------------
+
+    def test_tcp_both_framings_in_one_stream_split_anyhow(self, tmp):
+        m, ((kind, host, port),) = net_module(tmp, 'tcp:127.0.0.1:0', tokens='message desc')
+        try:
+            a = b'<13>Nov 22 07:39:24 h p: one'
+            stream = (b'%d %s' % (len(a), a) + b'<13>Nov 22 07:39:24 h p: two\n' +
+                      b'2026-11-22T07:39:24Z h p: three starts with a digit\n' +
+                      b'0 zero is no octet count\n' + b'12 <13>h p: cr\r\n' +
+                      b'<13>Nov 22 07:39:24 h p: last, unended')
+            c = tcp_connect(host, port)
+            for i in range(0, len(stream), 7):                      # seven bytes at a time
+                c.sendall(stream[i:i + 7])
+                time.sleep(0.001)
+            c.close()
+            events = m.out.wait_events(6)
+            assert [dict(e).get('message', dict(e)['desc']) for e in events] == [
+                'one', 'two', 'three starts with a digit', '0 zero is no octet count',
+                '<13>h p: cr', 'last, unended']
+        finally:
+            m.stop()
+
+    def test_framer_round_trip_and_any_split(self):
+        module = load_syslog_in()
+        rng = random.Random(5)
+        for round_ in range(300):
+            messages, stream = [], b''
+            for _ in range(rng.randint(1, 20)):
+                body = bytes(rng.choice(b'<>13 abc:[]\x00\xff\r') for _ in range(rng.randint(1, 40)))
+                if rng.random() < 0.5:
+                    stream += b'%d %s' % (len(body), body)
+                    messages.append(body)
+                else:
+                    body = b'<' + body.replace(b'\n', b'')
+                    stream += body + b'\n'
+                    messages.append(body)
+            framer = module._Framer(1000)
+            got, i = [], 0
+            while i < len(stream):
+                step = rng.randint(1, 30)
+                got.extend(framer.feed(stream[i:i + step]))
+                i += step
+            assert got == messages and framer.end() == (None, 0)
+
+    def test_framer_bounded_and_never_dies(self):
+        module = load_syslog_in()
+        framer = module._Framer(100)
+        assert framer.feed(b'5000 ' + b'y' * 150) == [b'y' * 150]     # cut by event() later
+        assert framer.feed(b'y' * 4850 + b'<1>next\n') == [b'<1>next']
+        assert framer.feed(b'z' * 150) == [b'z' * 150] and framer.feed(b'zzz\nok\n') == [b'ok']
+        assert framer.feed(b'12345678901234567890 digits\n') == [b'12345678901234567890 digits']
+        assert framer.feed(b'30 partial') == [] and framer.end() == (None, 7)
+        rng = random.Random(9)
+        for _ in range(2000):
+            framer = module._Framer(rng.choice((10, 100, 1000)))
+            for _ in range(10):
+                data = bytes(rng.choice(b'0123456789 \n<>x') for _ in range(rng.randint(0, 200)))
+                for message in framer.feed(data):
+                    assert isinstance(message, bytes)
+                assert len(framer.buf) <= framer.maxline + 11
+            framer.end()
+
+    def test_tcp_limits_cut_maxconnections_idle_and_a_staller(self, tmp):
+        m, ((kind, host, port),) = net_module(tmp, 'tcp:127.0.0.1:0', maxline='200',
+                                              maxconnections='3', idletimeout='1.5',
+                                              tokens='message desc')
+        try:
+            staller = tcp_connect(host, port)
+            staller.sendall(b'100 <13>Nov 22 07:39:24 h p: half a frame')   # and nothing more
+            idle = tcp_connect(host, port)
+            third = tcp_connect(host, port)
+            wait_until(lambda: fd_count(m.proc.pid) >= 7, what='three connections accepted')
+            fourth = tcp_connect(host, port)
+            fourth.settimeout(DEADLINE)
+            assert fourth.recv(10) == b''                              # over maxconnections
+            fourth.close()
+            m.wait_err('already 3 connections')
+            # The staller holds nothing up: the third client goes through.
+            third.sendall(b'<13>Nov 22 07:39:24 h p: ' + b'q' * 400 + b'\n<13>Nov 22 07:39:24 h p: ok\n')
+            events = m.out.wait_events(2, timeout=1.2)
+            assert len(dict(events[0])['desc']) == 200 - len('<13>Nov 22 07:39:24 h ')
+            assert dict(events[1])['message'] == 'ok'
+            m.wait_err('was cut to maxline=200')
+            # Then the idle timeout: the staller's half frame is dropped and said.
+            m.wait_err(r'idle for 1.5 s with a partial message of 37 bytes \(dropped\)')
+            m.wait_err(r'closed a connection from 127.0.0.1 idle for 1.5 s \(')
+            for c in (staller, idle):
+                c.settimeout(DEADLINE)
+                assert c.recv(10) == b''
+                c.close()
+            third.close()
+        finally:
+            m.stop()
+
+    def test_tcp_connection_loop_leaks_nothing(self, tmp):
+        m, ((kind, host, port),) = net_module(tmp, 'tcp:127.0.0.1:0')
+        try:
+            before = fd_count(m.proc.pid)
+            for i in range(1500):
+                c = socket.socket()
+                c.connect((host, port))
+                if i % 3 == 0:
+                    c.sendall(b'<13>Nov 22 07:39:24 h p: %d\n' % i)
+                c.close()
+            events = m.out.wait_events(500)
+            assert sorted(int(dict(e)['message']) for e in events) == list(range(0, 1500, 3))
+            wait_until(lambda: fd_count(m.proc.pid) <= before, what='every connection closed')
+            c = tcp_connect(host, port)
+            c.sendall(b'<13>Nov 22 07:39:24 h p: still here\n')
+            assert dict(m.out.wait_events(501)[-1])['message'] == 'still here'
+            c.close()
+        finally:
+            m.stop()
+
+    def test_tcp_ack_holds_a_connection_with_too_many_unacknowledged(self, tmp):
+        """With ack, a connection with maxunacked messages in flight is not
+        read (one read past it at most): the rest waits in the sockets and
+        the sender; every message comes once acknowledged, in order."""
+        m, ((kind, host, port),) = net_module(tmp, 'tcp:127.0.0.1:0', ack=True, maxunacked='10',
+                                              tokens='message')
+        total = 20000
+        c = tcp_connect(host, port)
+        sender = threading.Thread(target=c.sendall, args=(b''.join(
+            b'<13>Nov 22 07:39:24 h p: %d\n' % i for i in range(total)),))
+        sender.daemon = True
+        sender.start()
+        try:
+            m.out.wait_events(10)
+            time.sleep(0.3)
+            held = len(m.out.events())
+            assert held <= 10 + 65536 // 25, held          # maxunacked and one read
+            acked = 0
+            deadline = time.monotonic() + DEADLINE
+            while acked < total and time.monotonic() < deadline:
+                have = len(m.out.events())
+                if have > acked:
+                    m.send('ok\n' * (have - acked))
+                    acked = have
+                time.sleep(0.005)
+            assert [int(dict(e)['message']) for e in m.out.events()] == list(range(total))
+        finally:
+            c.close()
+            m.stop()
+
+    # -- Unix datagrams -------------------------------------------------------
+
+    def test_unix_socket_local_format_stale_socket_and_cleanup(self, tmp):
+        path = os.path.join(tmp, 'log.sock')
+        stale = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        stale.bind(path)
+        stale.close()                                  # a socket file nobody receives on
+        m, found = net_module(tmp, 'unix:' + path)
+        try:
+            m.wait_err('removed the stale socket')
+            assert os.stat(path).st_mode & 0o777 == 0o666
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            c.sendto(b'<13>Nov 22 07:39:24 myapp[7]: from glibc', path)   # no host: as syslog(3)
+            c.sendto(b'<13>Nov 22 07:39:24 otherhost myapp: with a host', path)
+            c.close()
+            events = m.out.wait_events(2)
+            first, second = dict(events[0]), dict(events[1])
+            assert first['node'] == socket.gethostname().split('.')[0]
+            assert (first['program'], first['pid'], first['message']) == ('myapp', '7', 'from glibc')
+            assert first['source'] == 'unix:' + path and 'fromhost' not in first
+            assert (second['node'], second['program']) == ('otherhost', 'myapp')
+            m.proc.send_signal(signal.SIGTERM)
+            m.wait_exit()
+            assert not os.path.exists(path)                         # removed at the end
+        finally:
+            m.stop()
+
+    def test_unix_socket_refuses_a_file_and_a_live_socket(self, tmp):
+        path = write(os.path.join(tmp, 'not-a-socket'), 'precious\n')
+        events, p = run_syslog_in(tmp, config=si_config(listen='unix:' + path))
+        assert p.returncode == 78 and b'not a socket' in p.stderr and read(path) == 'precious\n'
+        live = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        live.bind(os.path.join(tmp, 'live.sock'))
+        try:
+            events, p = run_syslog_in(tmp, config=si_config(listen='unix:' + os.path.join(tmp, 'live.sock')))
+            assert p.returncode == 1 and b'another process receives on it' in p.stderr
+        finally:
+            live.close()
+
+    # -- RELP -----------------------------------------------------------------
+
+    def test_relp_codec_round_trip_and_fuzz(self):
+        module = load_syslog_in()
+        rng = random.Random(7)
+        frames = [(rng.randint(1, module.RELP_TXNR_MAX), rng.choice(('syslog', 'rsp', 'open', 'x')),
+                   bytes(rng.randrange(256) for _ in range(rng.choice((0, 1, 5, 300)))))
+                  for _ in range(500)]
+        stream = b''.join(module.relp_frame(*f) for f in frames)
+        parser = module.RelpParser()
+        got, i = [], 0
+        while i < len(stream):
+            step = rng.randint(1, 50)
+            got.extend(parser.feed(stream[i:i + step]))
+            i += step
+        assert got == frames
+        assert module.relp_next_txnr(module.RELP_TXNR_MAX) == 1 and module.relp_next_txnr(5) == 6
+        for _ in range(3000):
+            parser = module.RelpParser(max_frame=1000)
+            data = bytearray(stream[rng.randrange(len(stream)):][:rng.randint(0, 200)])
+            for _ in range(rng.randint(0, 5)):
+                if data:
+                    data[rng.randrange(len(data))] = rng.randrange(256)
+            try:
+                for txnr, command, body in parser.feed(bytes(data)):
+                    assert isinstance(body, bytes) and command.isalpha()
+            except module.RelpError:
+                pass
+
+    def test_relp_without_ack_answers_at_once(self, tmp):
+        m, ((kind, host, port),) = net_module(tmp, 'relp:127.0.0.1:0', tokens='message fromhost source')
+        client = RelpClient(host, port)
+        try:
+            answer = client.open()
+            assert answer.startswith(b'200 OK\n') and b'commands=syslog' in answer
+            assert b'relp_version=0' in answer
+            txnrs = [client.frame('syslog', b'<13>Nov 22 07:39:24 h p: %d' % i) for i in range(5)]
+            for txnr in txnrs:
+                assert client.wait(txnr) == b'200 OK'
+            events = m.out.wait_events(5)
+            assert [dict(e)['message'] for e in events] == [str(i) for i in range(5)]
+            assert dict(events[0])['source'] == 'relp:127.0.0.1:%d' % port
+            assert client.wait(client.frame('close')) == b''
+            client.sock.settimeout(DEADLINE)
+            assert client.sock.recv(10) == b''                      # closed after close
+        finally:
+            client.close()
+            m.stop()
+
+    def test_relp_with_ack_answers_on_ok_and_serverclose_at_the_end(self, tmp):
+        m, ((kind, host, port),) = net_module(tmp, 'relp:127.0.0.1:0', ack=True, tokens='message')
+        client = RelpClient(host, port)
+        try:
+            client.open()
+            txnrs = [client.frame('syslog', b'<13>Nov 22 07:39:24 h p: %d' % i) for i in range(3)]
+            m.out.wait_events(3)
+            client.poll(0.3)
+            assert not [t for t in txnrs if t in client.rsps]        # nothing before Looper's ok
+            m.send('ok\n')
+            assert client.wait(txnrs[0]) == b'200 OK'
+            client.poll(0.2)
+            assert txnrs[1] not in client.rsps
+            m.send('ok\nok\n')
+            assert client.wait(txnrs[2]) == b'200 OK'
+            close = client.frame('syslog', b'<13>Nov 22 07:39:24 h p: 3')
+            m.out.wait_events(4)
+            m.proc.send_signal(signal.SIGTERM)
+            wait_until(lambda: client.other or not client.poll(), what='serverclose')
+            assert client.other[0][:2] == (0, b'serverclose')
+            assert close not in client.rsps                         # never acknowledged
+            assert m.wait_exit() == -signal.SIGTERM
+        finally:
+            client.close()
+            m.stop()
+
+    def test_relp_close_waits_for_the_answers_before_it(self, tmp):
+        m, ((kind, host, port),) = net_module(tmp, 'relp:127.0.0.1:0', ack=True, tokens='message')
+        client = RelpClient(host, port)
+        try:
+            client.open()
+            first = client.frame('syslog', b'<13>Nov 22 07:39:24 h p: x')
+            m.out.wait_events(1)
+            close = client.frame('close')
+            client.poll(0.3)
+            assert close not in client.rsps
+            m.send('ok\n')
+            assert client.wait(first) == b'200 OK' and client.wait(close) == b''
+        finally:
+            client.close()
+            m.stop()
+
+    def test_relp_protocol_errors_close_only_that_session(self, tmp):
+        m, ((kind, host, port),) = net_module(tmp, 'relp:127.0.0.1:0', tokens='message')
+        good = RelpClient(host, port)
+        try:
+            good.open()
+            early = RelpClient(host, port)
+            txnr = early.frame('syslog', b'<13>Nov 22 07:39:24 h p: before open')
+            assert early.wait(txnr).startswith(b'500')
+            early.close()
+            junk = tcp_connect(host, port)
+            junk.sendall(b'this is not RELP at all, and longer than a header could be\n')
+            junk.settimeout(DEADLINE)
+            assert junk.recv(100) == b''
+            junk.close()
+            nocmd = RelpClient(host, port)
+            txnr = nocmd.frame('open', b'relp_version=0\ncommands=')
+            assert nocmd.wait(txnr).startswith(b'500 required command')
+            nocmd.close()
+            assert good.wait(good.frame('syslog', b'<13>Nov 22 07:39:24 h p: fine')) == b'200 OK'
+            assert [dict(e)['message'] for e in m.out.wait_events(1)] == ['fine']
+        finally:
+            good.close()
+            m.stop()
+
+    # -- the process ----------------------------------------------------------
+
+    def test_orphan_exits_promptly_and_frees_the_port(self, tmp):
+        p = subprocess.Popen([PY, SYSLOG_IN], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, cwd=tmp)
+        try:
+            p.stdin.write(si_config(listen='tcp:127.0.0.1:0 udp:127.0.0.1:0'))
+            p.stdin.close()
+            line = p.stderr.readline().decode()
+            port = int(re.search(r':(\d+)$', line.strip()).group(1))
+            p.stdout.close()                                # Looper is gone
+            started = time.monotonic()
+            assert p.wait(timeout=10) == 0
+            assert time.monotonic() - started < 3
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(('127.0.0.1', port))                      # the port is free
+            s.close()
+        finally:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+            p.stderr.close()
+
+    def test_listen_and_logfile_together(self, tmp):
+        write(os.path.join(tmp, 'f.log'), 'Nov 22 07:39:24 a b: from the file\n')
+        m, ((kind, host, port),) = net_module(tmp, 'udp:127.0.0.1:0', logfile='f.log',
+                                              statefile='st', tokens='message source')
+        try:
+            m.out.wait_events(1)
+            udp_send(host, port, b'<13>Nov 22 07:39:24 h p: from the net')
+            events = m.out.wait_events(2)
+            assert events == [[('message', 'from the file'), ('source', 'f.log')],
+                              [('message', 'from the net'), ('source', 'udp:127.0.0.1:%d' % port)]]
+            assert m.proc.poll() is None            # the file's end is not the module's
+        finally:
+            m.stop()
