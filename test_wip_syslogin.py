@@ -134,10 +134,10 @@ class Module(object):
     would: stdin closed after it, or kept open (ack mode, or `open_stdin`)
     for `ok` lines.  stop() kills it if it is still there."""
 
-    def __init__(self, directory, config, env=None, stdin_open=False):
+    def __init__(self, directory, config, env=None, stdin_open=False, read_stdout=True):
         self.proc = subprocess.Popen([PY, SYSLOG_IN], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, cwd=directory, env=env)
-        self.out = Stream(self.proc.stdout)
+        self.out = Stream(self.proc.stdout) if read_stdout else None
         self.err = Stream(self.proc.stderr)
         self.proc.stdin.write(config)
         self.proc.stdin.flush()
@@ -471,6 +471,16 @@ class TestSyslogInFiles(object):
             'date': '2026-12-01T21:23:30Z', 'node': 'vm', 'desc': 'myapp', 'program': 'myapp',
             'source': 'in.log'}
         assert 'program' not in dict(one_event(tmp, '2026-12-01T21:23:30Z vm -- MARK --'))
+        # rsyslog's traditional forward format (BSD date): with a <PRI> the
+        # first word is the program too; without one, BSD lines keep desc.
+        assert dict(one_event(tmp, '<14>Dec  1 21:00:01 myhost other hello two')) == {
+            'date': 'Dec  1 21:00:01', 'node': 'myhost', 'desc': 'other hello two',
+            'program': 'other', 'message': 'hello two', 'facility': 'user', 'severity': 'info',
+            'source': 'in.log'}
+        assert 'program' not in dict(one_event(tmp, 'Dec  1 21:00:01 myhost other hello two'))
+        # rsyslog's RFC 5424 format keeps the space after a BSD tag.
+        assert dict(one_event(tmp, '<13>1 2026-12-01T21:00:00+00:00 myhost myapp 12 - -  hello'))[
+            'message'] == 'hello'
         event = one_event(tmp, '<13>1 2026-12-01T21:23:30.675859+00:00 vm myapp - - '
                                '[timeQuality tzKnown="1" isSynced="0"] hello world')
         assert event == [('date', '2026-12-01T21:23:30.675859+00:00'), ('node', 'vm'),
@@ -1677,3 +1687,253 @@ class TestSyslogInNetwork(object):
             assert m.proc.poll() is None            # the file's end is not the module's
         finally:
             m.stop()
+
+
+##############################################################################
+# Real peers: logger and rsyslogd
+##############################################################################
+
+def free_tcp_port():
+    s = socket.socket()
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class Rsyslogd(object):
+    """A real rsyslogd for one test, started as
+
+        rsyslogd -n -f CONF -i PIDFILE
+
+    -n          no fork: rsyslogd stays the test's child, so the test stops
+                it by pid (in a finally) and it never outlives the test
+    -f CONF     the test's configuration, not /etc/rsyslog.conf (which loads
+                imuxsock on /dev/log and imklog, which need root and clash
+                with the host's own syslog daemon)
+    -i PIDFILE  its pid file in the test's temp dir, not /run/rsyslogd.pid
+                (held by a host's rsyslogd; not writable unprivileged)
+
+    CONF starts with global(workDirectory=TMP) (queue and state files in the
+    temp dir, not /var/spool/rsyslog) and loads only imtcp (the test feeds
+    rsyslogd through it on `port`), bound to its own ruleset `fwd` holding
+    the test's actions, so rsyslogd's own messages (its start banner) go
+    nowhere.  Nothing in it needs root: ports are above 1023, files are in
+    the temp dir."""
+
+    def __init__(self, directory, actions, modules=()):
+        self.directory = directory
+        self.port = free_tcp_port()
+        self.conf = os.path.join(directory, 'rsyslog.conf')
+        self.pidfile = os.path.join(directory, 'rsyslog.pid')
+        write(self.conf, 'global(workDirectory="%s")\n' % directory +
+              ''.join('module(load="%s")\n' % m for m in ('imtcp',) + tuple(modules)) +
+              'input(type="imtcp" address="127.0.0.1" port="%d" ruleset="fwd")\n' % self.port +
+              'ruleset(name="fwd") {\n%s\n}\n' % actions)
+        self.log = open(os.path.join(directory, 'rsyslogd.out'), 'wb')
+        self.proc = subprocess.Popen([need('rsyslogd'), '-n', '-f', self.conf, '-i', self.pidfile],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        self.sock = None
+
+        def connected():
+            assert self.proc.poll() is None, read(os.path.join(directory, 'rsyslogd.out'))
+            try:
+                self.sock = socket.create_connection(('127.0.0.1', self.port), timeout=1)
+                return True
+            except OSError:
+                return False
+        wait_until(connected, what='rsyslogd to listen on %d' % self.port)
+
+    def send(self, *lines):
+        """Messages into rsyslogd's imtcp, LF-terminated."""
+        self.sock.sendall(b''.join(line + b'\n' for line in lines))
+
+    def stop(self):
+        if self.sock is not None:
+            self.sock.close()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(DEADLINE)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+class Acker(object):
+    """Looper's part for syslog_in in ack mode, in the test: reads the
+    module's events (a thread), records them, and answers each with `ok`
+    once recorded, as Looper does once an event is settled."""
+
+    def __init__(self, directory, listen, **keys):
+        self.events = []
+        self.m = Module(directory, si_config(listen=listen, ack='yes', idletimeout='0', **keys)
+                        + b'configure\n', stdin_open=True, read_stdout=False)
+        self._thread = threading.Thread(target=self._run)
+        self._thread.daemon = True
+        self._thread.start()
+        self.m.wait_err('listening on')
+
+    def _run(self):
+        event, tail = [], b''
+        while True:
+            try:
+                data = os.read(self.m.proc.stdout.fileno(), 65536)
+            except OSError:
+                return
+            if not data:
+                return
+            lines = (tail + data).split(b'\n')
+            tail = lines.pop()
+            oks = 0
+            for line in lines:
+                if line == b'go':
+                    self.events.append(dict(event))
+                    event = []
+                    oks += 1
+                else:
+                    k, _, v = line.decode('utf-8', 'surrogateescape').partition('=')
+                    event.append((k, v))
+            if oks:
+                try:
+                    self.m.send('ok\n' * oks)
+                except OSError:
+                    return
+
+    def kill(self):
+        self.m.proc.kill()
+        self.m.proc.wait()
+        self._thread.join(DEADLINE)
+
+
+def hostname_ok(node):
+    name = socket.gethostname()
+    return node in (name, name.split('.')[0])
+
+
+class TestSyslogInInterop(object):
+
+    @pytest.mark.parametrize('transport', ['--udp', '--tcp'])
+    @pytest.mark.parametrize('fmt', ['--rfc3164', '--rfc5424'])
+    def test_logger_into_syslog_in_every_token(self, tmp, transport, fmt):
+        logger = need('logger')
+        kind = transport[2:]
+        m, ((k, host, port),) = net_module(tmp, '%s:127.0.0.1:0' % kind)
+        try:
+            for extra, text in ((['--id=4242'], 'with a pid'), ([], 'without one')):
+                subprocess.run([logger, '--server', '127.0.0.1', '--port', str(port), transport, fmt,
+                                '-t', 'myapp', '-p', 'local3.warning'] + extra +
+                               ['Failed password for %s' % text], check=True, timeout=DEADLINE)
+            events = [dict(e) for e in m.out.wait_events(2)]
+        finally:
+            m.stop()
+        source = '%s:127.0.0.1:%d' % (kind, port)
+        for e, pid, text in zip(events, ('4242', None), ('with a pid', 'without one')):
+            message = 'Failed password for ' + text
+            assert hostname_ok(e.pop('node')), e
+            date = e.pop('date')
+            if fmt == '--rfc3164':
+                assert re.match(r'(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) [ \d]\d '
+                                r'\d\d:\d\d:\d\d$', date), date
+                extra = {}
+            else:
+                assert re.match(r'\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+[+-]\d\d:\d\d$', date), date
+                extra = {'sd': '[timeQuality tzKnown="1" isSynced="%s"]' % e.get('sd', '')[-3:-2]}
+                assert e['sd'].startswith('[timeQuality tzKnown="1" isSynced=')
+            expected = dict(extra, desc='myapp%s: %s' % ('[%s]' % pid if pid else '', message),
+                            program='myapp', message=message, facility='local3',
+                            severity='warning', fromhost='127.0.0.1', source=source)
+            if pid:
+                expected['pid'] = pid
+            assert e == expected
+
+    def test_rsyslogd_omfwd_udp_and_tcp_octet_counted(self, tmp):
+        """rsyslogd forwards over UDP (its traditional forward format: BSD
+        date) and TCP with octet counting (its RFC 5424 format)."""
+        m, found = net_module(tmp, 'udp:127.0.0.1:0 tcp:127.0.0.1:0')
+        (u, uhost, uport), (t, thost, tport) = found
+        daemon = Rsyslogd(tmp, (
+            'action(type="omfwd" target="127.0.0.1" port="%d" protocol="udp")\n'
+            'action(type="omfwd" target="127.0.0.1" port="%d" protocol="tcp" '
+            'TCP_Framing="octet-counted" template="RSYSLOG_SyslogProtocol23Format")'
+            % (uport, tport)))
+        try:
+            daemon.send(b'<38>Dec  1 21:00:00 gw1 sshd[412]: Failed password for root',
+                        b'<165>1 2026-12-01T21:00:01.5Z gw2 app - ID7 [x@1 a="b"] no procid')
+            events = [dict(e) for e in m.out.wait_events(4)]
+        finally:
+            daemon.stop()
+            m.stop()
+        by = dict(((e['source'].split(':')[0], e['message']), e) for e in events)
+        udp, tcp = 'udp:127.0.0.1:%d' % uport, 'tcp:127.0.0.1:%d' % tport
+        common = dict(fromhost='127.0.0.1')
+        assert by['udp', 'Failed password for root'] == dict(
+            common, date='Dec  1 21:00:00', node='gw1', desc='sshd[412]: Failed password for root',
+            program='sshd', pid='412', message='Failed password for root', facility='auth',
+            severity='info', source=udp)
+        assert by['udp', 'no procid'] == dict(
+            common, date='Dec  1 21:00:01', node='gw2', desc='app no procid', program='app',
+            message='no procid', facility='local4', severity='notice', source=udp)
+        e = by['tcp', 'Failed password for root']
+        assert re.match(r'\d{4}-12-01T21:00:00', e.pop('date'))        # rsyslog adds the year
+        assert e == dict(common, node='gw1', desc='sshd[412]: Failed password for root',
+                         program='sshd', pid='412', message='Failed password for root',
+                         facility='auth', severity='info', source=tcp)
+        assert by['tcp', 'no procid'] == dict(
+            common, date='2026-12-01T21:00:01.5Z', node='gw2', desc='app: no procid',
+            program='app', message='no procid', msgid='ID7', sd='[x@1 a="b"]',
+            facility='local4', severity='notice', source=tcp)
+
+    def test_rsyslogd_omrelp_with_ack_loses_nothing_when_the_receiver_is_killed(self, tmp):
+        """rsyslogd's omrelp into syslog_in with ack; the receiver (syslog_in
+        and its "Looper", which records an event before its `ok`) is killed
+        twice during a stream of 6,000 messages (rsyslogd's omrelp sends
+        about 1,100 a second here, to syslog_in as to rsyslogd's own imrelp)
+        and started again on the same port: every message arrives at least
+        once, in order."""
+        need('rsyslogd')
+        if not os.path.exists('/usr/lib/x86_64-linux-gnu/rsyslog/omrelp.so') and not any(
+                os.path.exists(os.path.join(d, 'omrelp.so')) for d in
+                ('/usr/lib/rsyslog', '/usr/lib64/rsyslog', '/usr/lib/aarch64-linux-gnu/rsyslog')):
+            if IN_CI:
+                pytest.fail('omrelp is required in CI (Debian package rsyslog-relp)')
+            pytest.skip('omrelp (rsyslog-relp) is not installed')
+        port = free_tcp_port()
+        listen = 'relp:127.0.0.1:%d' % port
+        total = 6000
+        receivers = [Acker(tmp, listen, tokens='message')]
+        # omrelp: retry for ever, once a second, so the receiver's restarts
+        # only delay; librelp resends what was not answered `rsp 200`.
+        daemon = Rsyslogd(tmp, 'action(type="omrelp" target="127.0.0.1" port="%d" '
+                               'action.resumeRetryCount="-1" action.resumeInterval="1")' % port,
+                          modules=('omrelp',))
+        try:
+            sender = threading.Thread(target=daemon.send, args=tuple(
+                b'<13>Dec  1 21:00:00 h p: %d' % i for i in range(total)))
+            sender.daemon = True
+            sender.start()
+
+            def got():
+                return [int(e['message']) for r in receivers for e in list(r.events)]
+            for kill_at in (1500, 3500):
+                wait_until(lambda: len(got()) >= kill_at, what='%d messages' % kill_at)
+                receivers[-1].kill()
+                receivers.append(Acker(tmp, listen, tokens='message'))
+            wait_until(lambda: set(got()) >= set(range(total)), timeout=60,
+                       what='every message (have %d)' % len(set(got())))
+            seq = got()
+            first = []
+            seen = set()
+            for n in seq:
+                if n not in seen:
+                    seen.add(n)
+                    first.append(n)
+            assert first == list(range(total))                      # in order
+            print('relp: %d messages, %d received (%d again after the kills)'
+                  % (total, len(seq), len(seq) - total))
+        finally:
+            daemon.stop()
+            for r in receivers:
+                r.kill()
+                r.m.stop()
