@@ -1937,3 +1937,87 @@ class TestSyslogInInterop(object):
             for r in receivers:
                 r.kill()
                 r.m.stop()
+
+
+##############################################################################
+# Step 5: the examples
+##############################################################################
+
+def looper_blocks(path):
+    """The blocks of a Looper config: [(kind, name, {key: value})]."""
+    blocks, current = [], None
+    for line in read(path).splitlines():
+        line = line.split('#', 1)[0].strip()
+        m = re.match(r'(input|output)\s+(\S+)\s*\{', line)
+        if m:
+            current = (m.group(1), m.group(2), {})
+            blocks.append(current)
+            line = line[m.end():].strip()
+        if current is not None and '=' in line:
+            key, _, value = line.partition('=')
+            current[2][key.strip()] = value.strip().strip('\'"')
+        if '}' in line:
+            current = None
+    return blocks
+
+
+class TestSyslogInExamples(object):
+
+    def test_every_example_that_follows_a_file_has_a_statefile(self):
+        confs = [os.path.join(EXAMPLES, name) for name in sorted(os.listdir(EXAMPLES))
+                 if name.endswith('.conf')]
+        assert os.path.join(EXAMPLES, 'syslogd.conf') in confs
+        following = 0
+        for conf in confs:
+            for kind, name, keys in looper_blocks(conf):
+                if keys.get('module') == 'syslog_in' and keys.get('follow') == 'yes':
+                    following += 1
+                    assert keys.get('statefile'), '%s: input %s follows without a statefile' % (
+                        conf, name)
+        assert following >= 1
+        assert 'statefile' in read(os.path.join(EXAMPLES, 'basic.conf'))   # its follow hint
+
+    def test_syslogd_example_checks_and_runs(self, tmp):
+        """examples/syslogd.conf, with its ports and /tmp files moved into
+        the test's own, through Looper: logger's messages and the sample's
+        lines become the alerts the rules promise."""
+        logger = need('logger')
+        p = subprocess.run([PY, os.path.join(HERE, 'looper.py'), '--check',
+                            os.path.join(EXAMPLES, 'syslogd.conf')],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=DEADLINE)
+        assert p.returncode == 0, p.stderr
+        udp, tcp = free_udp_port(), free_tcp_port()
+        text = read(os.path.join(EXAMPLES, 'syslogd.conf'))
+        text = text.replace('udp:127.0.0.1:5514', 'udp:127.0.0.1:%d' % udp)
+        text = text.replace('tcp:127.0.0.1:5514', 'tcp:127.0.0.1:%d' % tcp)
+        text = text.replace('/tmp/looper-syslogd', os.path.join(tmp, 'looper-syslogd'))
+        text = text.replace("'sample.log'", repr(os.path.join(EXAMPLES, 'sample.log')))
+        text = text.replace("'rules/syslogd.rules'",
+                            repr(os.path.join(EXAMPLES, 'rules', 'syslogd.rules')))
+        conf = config(tmp, text, 'syslogd.conf')
+        looper = Looper(conf)
+        alerts = os.path.join(tmp, 'looper-syslogd.alerts')
+        try:
+            looper.wait_log(r'listening on tcp:127\.0\.0\.1:%d' % tcp)
+            wait_until(lambda: read(alerts).count('alert=kernel') == 8, what='the sample read')
+            for i in range(3):
+                subprocess.run([logger, '-n', '127.0.0.1', '-P', str(udp), '-d', '-t', 'sshd',
+                                'Failed password for root from 203.0.113.9 port 22 ssh2'],
+                               check=True, timeout=DEADLINE)
+            subprocess.run([logger, '-n', '127.0.0.1', '-P', str(tcp), '-T', '-p', 'daemon.err',
+                            '-t', 'app', 'disk full'], check=True, timeout=DEADLINE)
+            wait_until(lambda: 'disk full' in read(alerts) and 'attacker=203.0.113.9' in read(alerts),
+                       what='the network alerts (have %s)' % read(alerts)[-500:])
+        finally:
+            looper.signal(signal.SIGTERM)
+            status = looper.wait()
+        assert status == 0, looper.log()
+        lines = read(alerts).splitlines()
+        assert len([l for l in lines if 'alert=ssh-bruteforce' in l]) == 2    # sample + logger
+        assert [l for l in lines if 'alert=severity-err' in l and 'fromhost=127.0.0.1' in l
+                and 'source=tcp:127.0.0.1:%d' % tcp in l]
+        archive = [json.loads(l)['tokens'] for l in read(os.path.join(tmp, 'looper-syslogd.log')).splitlines()]
+        assert len(archive) == 50 + 4
+        state = state_of(os.path.join(tmp, 'looper-syslogd.state'))
+        sample = os.path.join(EXAMPLES, 'sample.log')
+        assert state[sample]['offset'] == os.path.getsize(sample)
