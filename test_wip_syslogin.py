@@ -2021,3 +2021,87 @@ class TestSyslogInExamples(object):
         state = state_of(os.path.join(tmp, 'looper-syslogd.state'))
         sample = os.path.join(EXAMPLES, 'sample.log')
         assert state[sample]['offset'] == os.path.getsize(sample)
+
+
+##############################################################################
+# Step 6: speed without changing a byte
+##############################################################################
+
+def tricky_lines(rng, count):
+    """Random syslog-ish lines, many shapes near the fast path's edges."""
+    dates = ['Nov 22 07:39:24', 'Nov  2 07:39:24', 'Nov 22 07:39:24.5', 'Nov 22 7:39:24',
+             'Nov 22 07:39:2\u0664', '2026-11-22T07:39:24Z', '2026-11-22T07:39:24.123+01:00',
+             '2026-11-22t07:39:24', '2026-11-22T07:39:24+0100', 'Noc 22 07:39:24']
+    hosts = ['h', 'web-01', 'h\u00e9', 'x' * 256, '\udcff\udcfe', '']
+    tags = ['sshd[412]:', 'kernel:', 'CRON[1]', 'a[]:', 'p[1:2]:', 'p[' + '9' * 70 + ']:',
+            'postfix/smtpd[9]:', 'no', 'x:y:', '[1]:', 'pro\u00e7[1]:', 'p:']
+    messages = ['m', 'Failed password for root', '', ' lead', 'caf\u00e9 \udcff', 'a\rb',
+                'x' * 300, '\u0663\u0664', 'tab\there']
+    pris = ['', '<13>', '<191>', '<192>', '<0>', '<034>', '<1']
+    lines = []
+    for _ in range(count):
+        line = '%s%s %s %s %s' % (rng.choice(pris), rng.choice(dates), rng.choice(hosts),
+                                  rng.choice(tags), rng.choice(messages))
+        if rng.random() < 0.1:
+            line = line.replace(' ', '  ', 1)
+        if rng.random() < 0.05:
+            line = line[:rng.randrange(len(line) + 1)]
+        lines.append(line)
+    return lines
+
+
+def git_show(commit, path):
+    """A file as it was in a commit of this repository; None without git
+    or without that commit (in CI its absence is a failure)."""
+    if not shutil.which('git'):
+        return None
+    p = subprocess.run(['git', '-C', HERE, 'show', '%s:%s' % (commit, path)],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=DEADLINE)
+    if p.returncode != 0:
+        if IN_CI:
+            pytest.fail('commit %s is not in this clone: %s' % (commit, p.stderr.decode()))
+        return None
+    return p.stdout
+
+
+class TestSyslogInSpeed(object):
+
+    def test_bytes_fast_path_agrees_with_the_careful_path_on_random_lines(self):
+        """The fast path works on bytes, the careful one on text: for any
+        mix of lines, in any choice of tokens, the same events."""
+        module = load_syslog_in()
+        rng = random.Random(13)
+        for round_ in range(40):
+            lines = tricky_lines(rng, 200)
+            text = '\n'.join(lines) + '\n'
+            chosen = rng.choice((module.TOKENS, module.TOKENS[:10], ('date', 'pid'),
+                                 ('node', 'message', 'severity'), ('desc', 'source')))
+            tail = '\nsource=f\u00e9.log' if 'source' in chosen else ''
+            maxline = rng.choice((32768, 2900, 4000))
+            parser = module._Parser(maxline, chosen, tail)
+            fast = parser.events(text)
+            careful = parser._slowly(text.replace('\r\n', '\n').replace('\r', '\\r'))
+            assert fast == careful, (round_, chosen, maxline)
+
+    def test_output_is_the_original_on_a_generated_bench_file(self, tmp):
+        """A 200,000-line file from bench/bench.py: with the original ten
+        tokens, this module writes what the module before this work (BASE,
+        from git) wrote, byte for byte; and it is quicker (reported)."""
+        original = git_show(BASE, 'modules/syslog_in')
+        if original is None:
+            pytest.skip('no git, or commit %s is not in this clone' % BASE)
+        old = write(os.path.join(tmp, 'syslog_in.base'), original.decode('utf-8'), 0o755)
+        loader = importlib.machinery.SourceFileLoader('bench_for_test', os.path.join(HERE, 'bench', 'bench.py'))
+        bench = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+        loader.exec_module(bench)
+        path = os.path.join(tmp, 'bench.log')
+        bench.generate(path, 200000, 1)
+        outputs = {}
+        for name, module, extra in (('base', old, {}), ('now', SYSLOG_IN, {'tokens': OLD_TOKENS})):
+            p = subprocess.run([PY, module], input=si_config(logfile=path, **extra),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=DEADLINE * 2)
+            assert p.returncode == 0 and p.stderr == b'', p.stderr
+            outputs[name] = p.stdout
+        assert outputs['now'].count(b'\ngo\n') == 200000
+        assert hashlib.sha1(outputs['now']).hexdigest() == hashlib.sha1(outputs['base']).hexdigest()
+        assert outputs['now'] == outputs['base']
