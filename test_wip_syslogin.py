@@ -1080,6 +1080,11 @@ class TestSyslogInAck(object):
         finally:
             m.stop()
 
+    def test_dash_on_fd_0_in_ack_mode_is_refused(self, tmp):
+        env = dict((k, v) for k, v in os.environ.items() if k != 'LOOPER_STDIN_FD')
+        events, p = run_syslog_in(tmp, config=b'logfile=-\nack=yes\nconfigure\n', env=env)
+        assert p.returncode == 78 and b'LOOPER_STDIN_FD' in p.stderr
+
     def test_dash_in_ack_mode(self, tmp):
         r, w = os.pipe()
         p = subprocess.Popen([PY, SYSLOG_IN], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
