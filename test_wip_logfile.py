@@ -26,7 +26,7 @@ import pytest
 
 from test_looper import (wait_until, need, write, config, read, run, Looper, counters, PY,
                          HERE, MODULES, EXAMPLES, IN_CI, DEADLINE, FAST, tmp, py_module,
-                         sh_module, RECORDER, recorded)
+                         sh_module, RECORDER, recorded, proc_state)
 
 LOGFILE_OUT = os.path.join(MODULES, 'logfile_out')
 SYSLOG_IN = os.path.join(MODULES, 'syslog_in')
@@ -572,6 +572,9 @@ class TestLogfileOut(object):
                 data = f.read()
             assert len(data) == 2 * size + 10 and data.count(b'\n') == 2
             # Room again (copytruncate): the partial line is ended first.
+            # (Once the module waits on stdin, it has seen it idle: the
+            # events in flight with the failed one are all read.)
+            wait_until(lambda: proc_state(m.proc.pid) == 'S', what='the module to wait on stdin')
             os.truncate(os.path.join(tmp, 'out.log'), 0)
             m.send('n=9\ngo\n')
             assert m.wait_answers(7)[6] == 'ok'
@@ -582,6 +585,47 @@ class TestLogfileOut(object):
             assert m.wait_exit() == 0
         finally:
             m.stop()
+
+    def test_after_an_error_the_events_in_flight_are_refused_unwritten(self):
+        """Go-back-N: Looper sends again the failed event and every later
+        one it had sent.  Those already in the pipe are answered `error`
+        without being written (no line twice, none out of order); once
+        stdin is idle, writing is tried again.  In this process, with a
+        destination that fails once and a stdin that says what is waiting."""
+        new = load_module(LOGFILE_OUT, 'logfile_out_new')
+
+        class FailsOnce(FakeFile):
+            failed = False
+
+            def write(self, data):
+                if not self.failed:
+                    self.failed = True
+                    e = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                    e.written = 0
+                    raise e
+                FakeFile.write(self, data)
+
+        class Stdin(FakeText):
+            def ready(self):                 # the next chunk is already in the pipe
+                return bool(self.chunks) and self.chunks[0].startswith('b=')
+
+        destination = FailsOnce()
+        writer = new._Writer(destination, 'logfmt', True)
+        writer.now = lambda: 'NOW'
+        r, w = os.pipe()
+        saved = os.dup(1)
+        os.dup2(w, 1)
+        try:
+            status = writer.run('a=1\ngo\n', Stdin(['b=2\ngo\nb=3\ngo\n', 'c=4\ngo\n', 'd=5\ngo\n']))
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+            os.close(w)
+        with os.fdopen(r, 'rb') as f:
+            answers = f.read().decode().splitlines()
+        assert status == 0
+        assert answers == ['error fake: No space left on device'] * 3 + ['ok', 'ok']
+        assert destination.data == b'NOW c=4\nNOW d=5\n'
 
     def test_empty_events_and_odd_lines_are_answered_in_order(self, tmp):
         """Replaces test_logfile_out_protocol_oddities: every `go` is
@@ -927,6 +971,19 @@ class TestTemplates(object):
             answers = p.stdout.decode().splitlines()
             assert answers[0] == 'ok' and len(answers) == 3
             assert all(a.startswith('error ') for a in answers[1:]), answers
+
+    def test_out_python_after_an_error_answers_the_rest_of_the_read_error_unwritten(self, tmp):
+        """template_out answers a read at once; after a failed write (a file
+        size limit cuts the third line), the later events of that read are
+        answered error and not written: Looper sends them all again."""
+        size = len(b'n=0\n')
+        p = subprocess.run([PY, template(TEMPLATE_OUTS[0])],
+                           input=lf_input(''.join('n=%d\ngo\n' % i for i in range(5)), filename='out.log'),
+                           cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=DEADLINE,
+                           preexec_fn=limit_file_size(2 * size + 2))
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.decode().splitlines() == ['ok', 'ok', 'ok'] + ['error File too large'] * 3
+        assert read(os.path.join(tmp, 'out.log')) == 'n=0\nn=1\nn='
 
     @pytest.mark.parametrize('name', TEMPLATE_OUTS)
     def test_out_answers_each_event_before_the_next_comes(self, tmp, name):
