@@ -33,6 +33,7 @@ if sys.version_info < (3, 6):
 
 import collections
 import errno
+import bisect
 import heapq
 import itertools
 import logging
@@ -1061,6 +1062,12 @@ class _LineReader(object):
         return tail.decode('utf-8', 'surrogateescape')
 
 
+def _plain_events(text):
+    """Dicts of whole events in text that _EventParser.split_raw found plain."""
+    return [dict(map(str.split, piece.split('\n'), _EQUALS, _ONES))
+            for piece in text.split('\ngo\n')[:-1]]
+
+
 # The fast parser's other arguments to str.split: dict(map(str.split, lines,
 # _EQUALS, _ONES)) is line.split('=', 1) for each line with no bytecode run
 # and no list of pairs built per event (callgrind: 5% fewer instructions an
@@ -1188,6 +1195,44 @@ class _EventParser(object):
                 continue
             event[key] = value
         return event
+
+    # A chunk of whole events takes the raw path only if nothing in it is
+    # unusual: every line token=value with a name, or `go`; no empty event,
+    # no blank line, no CR.  (maxline and MAX_EVENT are checked apart.)
+    _RAW_BAD = re.compile(br'^(?:=|(?!go$)[^=\n]*$)', re.M)
+
+    def split_raw(self, data):
+        """The raw path: (the bytes of the whole events now complete, how
+        many), when the parser holds nothing of an event and the chunk is
+        plain (see _RAW_BAD); the bytes after the last `go` are kept for the
+        next call.  None when anything is unusual: then feed() must take
+        this data instead (nothing of it was consumed)."""
+        if self._partial or self._skip_event or self.lines._skipping:
+            return None
+        buf = self.lines._tail + data if self.lines._tail else data
+        end = buf.rfind(b'\ngo\n') + 4
+        if end < 4:
+            if len(buf) > self.maxline or b'\r' in buf:
+                return None
+            self.lines._tail = buf
+            return b'', 0
+        events = buf[:end]
+        if (b'\r' in events or b'\n\n' in events or events[:3] == b'go\n'
+                or b'\ngo\ngo\n' in events
+                or self._RAW_BAD.search(events, 0, end - 1) is not None
+                or len(events) > self.maxline and self._too_long(events)):
+            return None
+        tail = buf[end:]
+        if len(tail) > self.maxline or b'\r' in tail:
+            return None
+        self.lines._tail = tail
+        return events, events.count(b'\ngo\n')
+
+    def _too_long(self, events):
+        """A line over maxline bytes, or an event over MAX_EVENT, in raw events."""
+        if re.search(b'[^\n]{%d}' % (self.maxline + 1), events):
+            return True
+        return len(events) > MAX_EVENT and max(map(len, events.split(b'\ngo\n'))) > MAX_EVENT
 
     def eof(self):
         """The module's output ended: (events, lost).  A last line without its
@@ -2086,9 +2131,7 @@ class _Input(object):
             child.stdin.close_when_drained()
 
     def stdout(self, data):
-        events = self.parser.feed(data)
-        if events:
-            self.router.take(events)
+        self.router.chunk(self.parser, data)
 
     def progress(self):
         pass
@@ -2191,6 +2234,13 @@ class _Output(object):
     def full(self):
         ledger = self.ledger
         return ledger.events >= self.block.queuesize or ledger.bytes >= self.block.queuebytes
+
+    def room(self, count, size):
+        """Whether `count` events of `size` bytes fit in the queue now (or
+        would be counted lost anyway)."""
+        ledger = self.ledger
+        return bool(self.closed) or (ledger.events + count <= self.block.queuesize and
+                                     ledger.bytes + size <= self.block.queuebytes)
 
     def enqueue(self, data, count, seq):
         """Queue `count` events (their bytes), or drop and count them; True
@@ -2891,9 +2941,55 @@ class _Rules(object):
         self._run = [(path, types.FunctionType(code, ns), ns, watchfor)
                      for (path, _, code, watchfor), (_, _, ns, _, _) in zip(files, self.files)]
         self.watching = bool(files) and all(f[3] is not None for f in files)
+        # The distinct patterns, and whether the chunk can be searched as a
+        # whole for each (see matching()).
+        patterns = []
+        for f in files:
+            if f[3] is not None and f[3] not in [p for p, _ in patterns]:
+                source = f[3].pattern
+                patterns.append((f[3], not any(x in source for x in ('\\A', '\\Z', '(?<'))))
+        self._patterns = patterns
 
     def _exit(self, *ignored):
         raise _EndEvent()
+
+    def matching(self, text):
+        """For a chunk of whole events (text, each ending in `\\ngo\\n`):
+        [(index, start, end)] of the events whose text (text[start:end],
+        without its `go` line) one of the files' watchfor patterns matches,
+        in order.  Each pattern is searched in the chunk as a whole; a
+        match is checked against its event alone (a chunk can match where
+        an event cannot: across events, or on a `go` line); a pattern that
+        the chunk could hide from an event (\\A, \\Z, a lookbehind, a
+        match across events) is searched event by event instead."""
+        found = {}
+        bounds = None
+        for pattern, whole in self._patterns:
+            if bounds is None:
+                bounds = self._bounds(text)
+            if whole:
+                for m in pattern.finditer(text):
+                    i = bisect.bisect_right(bounds[0], m.start()) - 1
+                    start, end = bounds[0][i], bounds[1][i]
+                    if m.end() > end + 3:       # across events: event by event
+                        whole = False
+                        break
+                    if i not in found and pattern.search(text, start, end) is not None:
+                        found[i] = (i, start, end)
+                if whole:
+                    continue
+            for i, (start, end) in enumerate(zip(*bounds)):
+                if i not in found and pattern.search(text[start:end]) is not None:
+                    found[i] = (i, start, end)
+        return [found[i] for i in sorted(found)]
+
+    @staticmethod
+    def _bounds(text):
+        """Where the events of a chunk start, and where their text ends
+        (before `\\ngo\\n`)."""
+        ends = [m.start() for m in re.finditer('\ngo\n', text)]
+        starts = [0] + [end + 4 for end in ends[:-1]]
+        return starts, ends
 
     def watchdog(self, frame):
         """SIGALRM, every `timeout` seconds (see _watch_rules): when the rules
@@ -3093,6 +3189,73 @@ class _Router(object):
                                [o for o in self.retired if isinstance(o, _Output)])
 
     # -- events -------------------------------------------------------------
+
+    def chunk(self, parser, data):
+        """A read of the input's stdout.  Where no rules run (NORULES), or
+        every rules file has a watchfor, a plain chunk of whole events is
+        routed without a dict per event (the raw path); anything else, and
+        everything while the outputs push back, goes through the parser's
+        dicts and take()."""
+        rules = self.rules
+        if not (self.blocked or self.pending) and (rules is None or rules.watching):
+            got = parser.split_raw(data)
+            if got is not None:
+                events, count = got
+                if count:
+                    if rules is None:
+                        self._pass_through(events, count)
+                    else:
+                        self._watch(events, count)
+                return
+        events = parser.feed(data)
+        if events:
+            self.take(events)
+
+    def _pass_through(self, data, count):
+        """NORULES: the input's bytes go to every output as they came, one
+        queue entry for the chunk, when every queue has room for all of it;
+        else event by event (so block and drop apply to each event)."""
+        for output in self.outputs.values():
+            if not output.room(count, len(data)):
+                self.take(_plain_events(data.decode('utf-8', 'surrogateescape')))
+                return
+        first = self.events_in
+        self.events_in += count
+        self.deliveries += count * len(self._all)
+        for output in self.outputs.values():
+            if output.enqueue(data, count, first):
+                self.blocked = True
+
+    def _watch(self, data, count):
+        """Every rules file has a watchfor: search the chunk as a whole
+        for each pattern, and make dicts (and run the rules) only for the
+        events where one matched.  The others cost nothing more.  If an
+        output pushes back, the rest of the chunk waits in `pending`."""
+        first = self.events_in
+        self.events_in += count
+        text = data.decode('utf-8', 'surrogateescape')
+        rules = self.rules
+        hits = rules.matching(text)
+        if not hits:
+            return
+        clocked = self.timers.token is not None
+        if not clocked:
+            self.timers.event(None)
+        split, eqs, ones = str.split, _EQUALS, _ONES
+        for index, start, end in hits:
+            body = text[start:end]
+            event = dict(map(split, body.split('\n'), eqs, ones))
+            if clocked:
+                self.timers.event(event)
+            self._seq = first + index
+            rules.run(event, body)
+            self._seq = None
+            if self.blocked:
+                self.pending_seq = first + index + 1
+                self.pending.extend(_plain_events(text[text.index('\ngo\n', end) + 4:]))
+                if self.pending:
+                    self.input.pause()
+                return
 
     def take(self, events):
         """Events from the input: route them now, or keep them pending while a

@@ -3509,6 +3509,109 @@ def _event_time_of(line):
 
 
 ##############################################################################
+# Watchfor and the raw path (issue 13): the same deliveries, fewer dicts
+##############################################################################
+
+class TestWatchfor(object):
+
+    def test_chunk_matching_agrees_with_searching_each_event(self):
+        """Property test: the events matching() finds in a chunk are exactly
+        those whose own text the pattern matches, for patterns that anchor,
+        span lines, match `go` lines, reach across events, look behind."""
+        import random
+        lib = load_looper()
+        rng = random.Random(13)
+        values = ['Failed password', 'ok', 'go', 'x=y', '', 'a b', 'Failedgo', 'node=gw1',
+                  '\xe9', 'desc=z']
+        names = ['desc', 'node', 'a', 'go', 'msg']
+        patterns = [r'Failed', r'^desc=.*Failed', r'^node=gw1$', r'go', r'\ngo', r'ok$',
+                    r'a=\nb=', r'desc=[\s\S]*node', r'\Anode', r'ok\Z', r'(?<=desc=)ok',
+                    r'^$', r'=$', r'x=y\nmsg', r'e']
+        for case in range(2000):
+            events = []
+            for _ in range(rng.randint(1, 8)):
+                lines = ['%s=%s' % (rng.choice(names), rng.choice(values))
+                         for _ in range(rng.randint(1, 4))]
+                events.append('\n'.join(lines))
+            text = ''.join(e + '\ngo\n' for e in events)
+            chosen = rng.sample(patterns, rng.randint(1, 3))
+            files = [('f%d' % i, b'', compile('pass', 'f', 'exec'), re.compile(p, re.M))
+                     for i, p in enumerate(chosen)]
+            rules = lib._Rules(files, ['o'], lambda *a: None)
+            got = [i for i, _, _ in rules.matching(text)]
+            expected = [i for i, e in enumerate(events)
+                        if any(re.search(p, e, re.M) for p in chosen)]
+            assert got == expected, (chosen, events, got, expected)
+            for i, start, end in rules.matching(text):
+                assert text[start:end] == events[i]
+
+    def test_a_rules_file_delivers_the_same_with_and_without_its_watchfor(self, tmp):
+        """Property test over generated events, through real runs: the raw
+        path with watchfor gives byte for byte what the rules give on every
+        event without it."""
+        import random
+        rng = random.Random(7)
+        lines = []
+        for i in range(6000):
+            kind = rng.choice(['Failed password for root from 10.0.0.%d' % rng.randint(1, 9),
+                               'Accepted password for bob', 'session opened', 'Failed once',
+                               'CRON job', 'x=Failed password in a value'])
+            lines.append('n=%d\nnode=gw%d\ndesc=%s\ngo\n' % (i, rng.randint(1, 3), kind))
+            if rng.random() < 0.01:
+                lines.append('not a token line\n')          # the careful path, now and then
+        write(os.path.join(tmp, 'events'), ''.join(lines))
+        py_module(tmp, 'src', "import os, sys\nsys.stdin.read()\n"
+                              "data = open('events', 'rb').read()\n"
+                              "for i in range(0, len(data), 7001):\n"
+                              "    os.write(1, data[i:i + 7001])\n")
+        body = ("import re\n"
+                "m = re.search(r'Failed password for (\\S+) from (\\S+)', inputTokens['desc'])\n"
+                "if m:\n"
+                "    outputTokens['user'], outputTokens['source'] = m.groups()\n"
+                "    writeTo('o')\n")
+        outputs = {}
+        for name, rules in (('with', "watchfor = r'^desc=.*Failed password'\n" + body),
+                            ('without', body)):
+            write(os.path.join(tmp, name + '.rules'), rules)
+            conf = config(tmp, "inputmodulepath = .\nrulesfile = %s.rules\n"
+                               "input i { module = src }\n"
+                               "output o { module = logfile_out\n filename = %s.out\n"
+                               " format = json }\n" % (name, name), name + '.conf')
+            p = run([conf])
+            assert p.returncode == 0, p.stderr
+            outputs[name] = [json.loads(l)['tokens'] for l in read(os.path.join(tmp, name + '.out'))
+                             .splitlines()]
+            assert counters(p.stderr)['events_in'] == 6000
+        assert outputs['with'] == outputs['without']
+        assert len(outputs['with']) > 500
+
+    def test_watchfor_must_be_one_string_literal(self, tmp):
+        for rules, message in (("watchfor = 'a' + 'b'\n", 'watchfor must be assigned once'),
+                               ("watchfor = r'('\n", 'watchfor: bad regular expression'),
+                               ("watchfor = 'a'\nwatchfor = 'b'\n", 'watchfor must be assigned once')):
+            conf = norules_conf(tmp, rules, outputs=('o',))
+            p = run(['--check', conf])
+            assert p.returncode == 78 and 'r.rules:' in p.stderr and message in p.stderr, p.stderr
+
+    def test_norules_passes_the_bytes_through_unchanged(self, tmp):
+        """NORULES: events reach the outputs byte for byte as the input wrote
+        them (no parse, no re-encoding), in order, also when a queue is
+        too small for a whole read (then event by event)."""
+        data = ''.join('n=%d\nv=caf\u00e9 \\n %d\ngo\n' % (i, i) for i in range(3000))
+        write(os.path.join(tmp, 'events'), data)
+        py_module(tmp, 'src', "import os, sys\nsys.stdin.read()\nos.write(1, open('events', 'rb').read())\n")
+        sh_module(tmp, 'dump', 'cat > $LOOPER_NAME.bin\n')
+        conf = config(tmp, "inputmodulepath = .\noutputmodulepath = .\n"
+                           "input i { module = src }\noutput big { module = dump }\n"
+                           "output small { module = dump\n queuesize = 7 }\n")
+        p = run([conf])
+        assert p.returncode == 0, p.stderr
+        for name in ('big', 'small'):
+            got = read(os.path.join(tmp, name + '.bin'))
+            assert got.split('configure\n', 1)[1] == data + 'quit\n', name
+
+
+##############################################################################
 # Shipped modules inside Looper
 ##############################################################################
 
@@ -3651,49 +3754,3 @@ class TestBench(object):
         if IN_CI:
             for peer in ('SEC', 'swatch'):
                 assert re.search(r'^\| %s \| [\d.]+ s \|' % peer, p.stdout, re.M), p.stdout
-
-
-class TestSnmpTraps(object):
-    """net-snmp's snmptrapd as an input module (examples/modules/snmptrapd_in),
-    traps sent by net-snmp's snmptrap, routed by examples/rules/traps.rules."""
-
-    def test_traps_from_net_snmp_are_routed_by_the_example(self, tmp):
-        need('snmptrapd')
-        snmptrap = need('snmptrap')
-        port = free_udp_port()
-        conf = read(os.path.join(EXAMPLES, 'traps.conf'))
-        for old, new in (("'modules'", repr(os.path.join(EXAMPLES, 'modules'))),
-                         ("'rules/traps.rules'", repr(os.path.join(EXAMPLES, 'rules', 'traps.rules'))),
-                         ('udp:127.0.0.1:1162', 'udp:127.0.0.1:%d' % port),
-                         ('/tmp/looper-traps.alerts', os.path.join(tmp, 'alerts')),
-                         ('/tmp/looper-traps.log', os.path.join(tmp, 'archive'))):
-            assert old in conf, old
-            conf = conf.replace(old, new)
-        looper = Looper(config(tmp, conf))
-        # snmptrapd prints its banner once it listens.
-        looper.wait_log(r"input 'traps' pid \d+: snmptrapd: NET-SNMP version")
-
-        def send(*args):
-            subprocess.run([snmptrap, '-m', '', '-c'] + list(args), check=True, timeout=DEADLINE,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        target = '127.0.0.1:%d' % port
-        send('wrong', '-v', '2c', target, '', '1.3.6.1.6.3.1.1.5.4')        # refused by snmptrapd
-        send('public', '-v', '2c', target, '', '1.3.6.1.6.3.1.1.5.3',        # linkDown, v2c
-             '1.3.6.1.2.1.2.2.1.1.2', 'i', '2', '1.3.6.1.2.1.2.2.1.2.2', 's', 'eth0 went down')
-        send('public', '-v', '1', target, '1.3.6.1.4.1.8072', '192.0.2.7', '6', '17', '',
-             '1.3.6.1.4.1.8072.1', 's', 'hello')                            # enterprise-specific, v1
-
-        def archive():
-            text = read(os.path.join(tmp, 'archive'))
-            return [json.loads(line)['tokens'] for line in text[:text.rfind('\n') + 1].splitlines()]
-        wait_until(lambda: len(archive()) >= 2, what='two traps in the archive; log:\n' + looper.log())
-        looper.signal(signal.SIGTERM)
-        assert looper.wait() == 0, looper.log()
-        down, v1 = archive()
-        assert down['agent'] == '127.0.0.1' and down['community'] == 'public'
-        assert down['version'] == '2c' and down['name'] == 'linkDown'
-        assert down['.1.3.6.1.2.1.2.2.1.2.2'] == 'eth0 went down'
-        assert v1['version'] == '1' and v1['trap'] == '.1.3.6.1.4.1.8072.0.17'
-        assert v1['.1.3.6.1.4.1.8072.1'] == 'hello'
-        alerts = read(os.path.join(tmp, 'alerts')).splitlines()
-        assert len(alerts) == 1 and alerts[0].split(' ', 1)[1] == 'agent=127.0.0.1 alert=linkDown ifIndex=2'
