@@ -941,6 +941,24 @@ class TestTemplates(object):
         assert p.returncode == 78 and p.stderr.startswith(b'<3>' + name.encode() + b': takes no arguments')
         assert os.listdir(tmp) == []
 
+    def test_check_reads_the_declarations(self, tmp):
+        """looper.py --check knows the keys of the templates (sh ones too:
+        the declaration is a comment) and of logfile_out."""
+        conf = config(tmp, "inputmodulepath = '%s'\noutputmodulepath = '%s'\n"
+                           "input i { module = template_in.sh\n filename = in.log\n statfile = x }\n"
+                           "output o { module = template_out.sh\n filname = out.txt }\n"
+                           "output p { module = template_out\n filename = x\n prefx = y }\n"
+                           "output q { module = '%s'\n filename = x\n formt = json }\n"
+                      % (TEMPLATES, TEMPLATES, LOGFILE_OUT))
+        p = run(['--check', conf])
+        assert p.returncode != 0
+        for line, key, module, good in ((5, 'statfile', 'template_in.sh', 'statefile'),
+                                        (7, 'filname', 'template_out.sh', 'filename'),
+                                        (10, 'prefx', 'template_out', 'prefix'),
+                                        (13, 'formt', LOGFILE_OUT, 'format')):
+            assert ("t.conf:%d: unknown key '%s' for module %s; did you mean '%s'?"
+                    % (line, key, module, good)) in p.stderr, p.stderr
+
     @pytest.mark.parametrize('name', TEMPLATE_OUTS)
     def test_out_by_hand(self, tmp, name):
         events = 'node=gw1\ndesc=hello world\ngo\ngo\nb=back\\slash\ngo\nquit\nlate=1\ngo\n'
