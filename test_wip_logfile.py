@@ -15,7 +15,6 @@ import os
 import random
 import re
 import resource
-import select
 import signal
 import subprocess
 import sys
@@ -24,9 +23,9 @@ import time
 
 import pytest
 
-from test_looper import (wait_until, need, write, config, read, run, Looper, counters, PY,
-                         HERE, MODULES, EXAMPLES, IN_CI, DEADLINE, FAST, tmp, py_module,
-                         sh_module, RECORDER, recorded, proc_state)
+from test_looper import (wait_until, need, write, config, read, run, counters, PY, HERE,
+                         MODULES, EXAMPLES, DEADLINE, FAST, tmp, py_module, RECORDER, recorded,
+                         proc_state)
 
 LOGFILE_OUT = os.path.join(MODULES, 'logfile_out')
 SYSLOG_IN = os.path.join(MODULES, 'syslog_in')
@@ -57,12 +56,6 @@ def lf_run(directory, text, tail='quit\n', module=LOGFILE_OUT, argv=(), env=None
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=DEADLINE,
                        preexec_fn=preexec_fn)
     assert b'Traceback' not in p.stderr, p.stderr.decode('utf-8', 'replace')
-    return p
-
-
-def sh_run(directory, module, data, argv=()):
-    p = subprocess.run(['/bin/sh', module] + list(argv), input=data, cwd=directory,
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=DEADLINE)
     return p
 
 
