@@ -2085,9 +2085,13 @@ class _Module(object):
                        'fix the block and reload (SIGHUP)', self.block.where(), what, code, said)
             self.router.module_done(self)
         elif decision == 'done':
+            was = self.state
             self._set('exited')
-            level = logging.INFO if code == 0 and not detail.startswith('; ') else logging.WARNING
-            _log.log(level, '%s%s', what, detail)
+            expected = detail is None or code == 0 or (
+                was == 'stopping' and code in (-signal.SIGTERM, -signal.SIGKILL))
+            level = logging.INFO if expected and not (detail or '').startswith('; ') \
+                else logging.WARNING
+            _log.log(level, '%s%s', what, detail or '')
             self.router.module_done(self)
         else:
             delay = self._backoff()
@@ -2166,8 +2170,10 @@ class _Input(object):
             self.router.take(events)
         if lost:
             self.truncated += 1
-            _log.warning("%s: discarded an incomplete event (%d lines without 'go') at the end "
-                         "of its output", self.label, lost)
+            # Expected when Looper itself stopped the module in mid-write.
+            _log.log(logging.INFO if self.module.state == 'stopping' else logging.WARNING,
+                     "%s: discarded an incomplete event (%d lines without 'go') at the end "
+                     "of its output", self.label, lost)
         if self.module.state == 'stopping' or self.router.stopping:
             return 'done', ''
         if code == 0:
@@ -2212,6 +2218,7 @@ class _Output(object):
         self.retired = False        # a reload replaced or removed it: nothing new comes
         self.cut = False            # its pipe ends inside an event (handed over): EOF, no quit
         self.predecessor = None     # the instance this one replaced, until it is gone
+        self.quiet = False          # its destination (Looper's stdout) is gone: say little
         self.failures = 0           # non-zero exits after quit
         self.retry_delay = block.retrydelay
         self._replies = None
@@ -2248,8 +2255,9 @@ class _Output(object):
         ledger = self.ledger
         if self.closed:
             ledger.lost += count
-            self._drop_warn(logging.ERROR, 'closed', '%s takes no more events (%s): %d lost; '
-                            '%d lost so far', self.label, self.closed, count, ledger.lost)
+            self._drop_warn(logging.INFO if self.quiet else logging.ERROR, 'closed',
+                            '%s takes no more events (%s): %d lost; %d lost so far',
+                            self.label, self.closed, count, ledger.lost)
             return False
         if self.full():
             block = self.block
@@ -2438,6 +2446,14 @@ class _Output(object):
             self.successor.take_over(self)
         stopping = self.module.state == 'stopping'
         decision = 'restart'
+        if code != 0 and '-' in self.block.items.values() and _reader_gone(1):
+            # It wrote to Looper's stdout and its reader went away (`| head`):
+            # nothing will ever be delivered there again; stop, quietly.
+            self.quiet = True
+            self.close("Looper's stdout was closed by its reader")
+            self.router.stdout_closed()
+            ledger.lose()
+            return 'done', None
         if code == EX_CONFIG and not stopping:
             self.close('its configuration is wrong (%s)' % self.block.where())
             decision = 'fatal'
@@ -3426,12 +3442,14 @@ class _Router(object):
                 if owner.successor is not None:
                     owner.successor.predecessor = None
                     self.loop.dirty.add(owner.successor)
-        elif (isinstance(owner, _Output) and not self.stdout_gone
-              and '-' in module.block.items.values() and _reader_gone(1)):
-            self.stdout_gone = True
-            _log.info("Looper's stdout was closed by its reader; stopping")
-            self.stop('stdout closed')
         self._check_finished()
+
+    def stdout_closed(self):
+        """An output writing to Looper's stdout found its reader gone: stop
+        promptly and quietly, as grep does (exit 1)."""
+        if not self.stdout_gone:
+            self.stdout_gone = True
+            self.stop("Looper's stdout was closed by its reader")
 
     def _check_finished(self):
         if not self.input.module.over or self.retired or \

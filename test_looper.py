@@ -1784,32 +1784,6 @@ class TestModules(object):
         assert [dict(e)['message'] for e in events] == ['x']
         assert b'truncated' in p.stderr or b'shorter' in p.stderr
 
-    def test_logfile_out_logfmt_quoting(self, tmp_path):
-        p = _mod_logfile_out(str(tmp_path), 'plain=abc\nspace=a b\nempty=\nquote=say "hi"\n'
-                             'back=C:\\dir\nequals=a=b\ntab=a\tb\nnl=line1\\nline2\ngo\n')
-        assert p.returncode == 0 and p.stdout == b'' and p.stderr == b''
-        (when, rest), = _mod_file_events(str(tmp_path / 'out.log'))
-        assert _MOD_TIME.match(when), when
-        assert rest == ('plain=abc space="a b" empty="" quote="say \\"hi\\"" back="C:\\\\dir" '
-                        'equals="a=b" tab="a\tb" nl="line1\\\\nline2"')
-
-    def test_logfile_out_bulk_and_one_by_one_agree(self, tmp_path):
-        # Without confirm, events read together are formatted chunk-wide;
-        # with confirm, one by one: the lines must be the same.
-        values = ['x', 'a b', '', '"', '\\', '=', 'caf\u00e9', 'go', 'quit', '\u2028', '\udcff']
-        text = ''.join('n=%d\nk=%s\nv%d=%s%s\ngo\n' % (i, values[i % len(values)], i,
-                                                      values[(i * 7) % len(values)], 'z' * (i % 5))
-                       if i % 7 else 'only=quoted %d\ngo\n' % i        # no plain token
-                       for i in range(10000))
-        bulk = _mod_logfile_out(str(tmp_path), text, filename='bulk.log')
-        careful = _mod_logfile_out(str(tmp_path), text, filename='careful.log', confirm='yes')
-        assert bulk.returncode == careful.returncode == 0
-        assert careful.stdout == b'ok\n' * 10001
-        a = [rest for when, rest in _mod_file_events(str(tmp_path / 'bulk.log'))]
-        b = [rest for when, rest in _mod_file_events(str(tmp_path / 'careful.log'))]
-        assert len(a) == 10000 and a == b
-        assert a[1] == 'n=1 k="a b" v1=goz' and a[7] == 'only="quoted 7"'
-
     def test_logfile_out_json(self, tmp_path):
         p = _mod_logfile_out(str(tmp_path), 'a=1\nb=x y\ngo\nc=\xff\udcfe\ngo\nd=caf\u00e9\ngo\n',
                              format='json')
@@ -1842,42 +1816,6 @@ class TestModules(object):
         finally:
             m.stop()
 
-    def test_logfile_out_confirm_error_then_same_event_again(self, tmp_path):
-        if not os.path.exists('/dev/full'):
-            pytest.skip('no /dev/full')
-        m = _ModProcess(LOGFILE_OUT, str(tmp_path), _mod_config(filename='/dev/full', confirm='yes'),
-                        stdin_open=True)
-        try:
-            m.send('configure\n')
-            m.wait_replies(1)
-            m.send('a=1\ngo\n')
-            replies = m.wait_replies(2)
-            assert replies[1].startswith('error ') and 'space' in replies[1].lower()
-            m.send('a=1\ngo\n')                                      # Looper resends it
-            assert m.wait_replies(3)[2].startswith('error ')
-            m.send('quit\n')
-            assert m.wait_exit() == 0
-        finally:
-            m.stop()
-
-    def test_logfile_out_write_errors_without_confirm_are_counted(self, tmp_path):
-        if not os.path.exists('/dev/full'):
-            pytest.skip('no /dev/full')
-        p = _mod_logfile_out(str(tmp_path), 'a=1\ngo\n' * 5, filename='/dev/full')
-        assert p.returncode == 0 and p.stdout == b''
-        assert b'events are being lost' in p.stderr and b'5 events could not be written' in p.stderr
-
-    def test_logfile_out_flushes_each_event_without_quit(self, tmp_path):
-        m = _ModProcess(LOGFILE_OUT, str(tmp_path), b'filename=out.log\nconfigure\n', stdin_open=True)
-        try:
-            for i in range(3):
-                m.send('n=%d\ngo\n' % i)
-                _mod_wait(lambda: len(_mod_file_events(str(tmp_path / 'out.log'), growing=True)) == i + 1,
-                          'event %d in the file' % i)
-            assert m.proc.poll() is None and m.out.data == b''
-        finally:
-            m.stop()
-
     def test_logfile_out_dash_writes_looper_stdout_fd(self, tmp_path):
         r, w = os.pipe()
         env = dict(os.environ, LOOPER_STDOUT_FD=str(w))
@@ -1893,11 +1831,6 @@ class TestModules(object):
             assert _MOD_TIME.match(line.split(' ')[0]) and line.endswith(' k="v w"\n')
         finally:
             os.close(r)
-
-    def test_logfile_out_dash_without_variable_is_fd_1(self, tmp_path):
-        env = dict((k, v) for k, v in os.environ.items() if k != 'LOOPER_STDOUT_FD')
-        p = _mod_logfile_out(str(tmp_path), 'k=v\ngo\n', filename='-', env=env)
-        assert p.returncode == 0 and p.stdout.decode().endswith(' k=v\n')
 
     def test_logfile_out_reopens_a_rotated_file(self, tmp_path):
         m = _ModProcess(LOGFILE_OUT, str(tmp_path), b'filename=out.log\nconfigure\n', stdin_open=True)
@@ -1942,24 +1875,6 @@ class TestModules(object):
         p = subprocess.run([_MOD_PY, LOGFILE_OUT], input=b'filename=x.log\n', cwd=str(tmp_path),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=_MOD_DEADLINE)
         assert p.returncode == 0 and not (tmp_path / 'x.log').exists()   # EOF before configure
-
-    def test_logfile_out_protocol_oddities(self, tmp_path):
-        p = _mod_logfile_out(str(tmp_path), 'a=1\r\nnonsense\n\nb=2\ngo\ngo\nc=3\n', stdin_tail='')
-        assert p.returncode == 0
-        rests = [rest for when, rest in _mod_file_events(str(tmp_path / 'out.log'))]
-        assert rests == ['a=1 b=2', '']                      # an empty event is just its time
-        assert b'nonsense' in p.stderr and b'ended inside an event' in p.stderr
-
-    def test_logfile_out_configuration_errors(self, tmp_path):
-        for config, message in ((b'module=logfile_out\n', b'no filename'),
-                                (b'filename=no/such/dir/x.log\n', b"cannot open 'no/such/dir/x.log'"),
-                                (b'filename=x\nformat=xml\n', b'format must be logfmt or json'),
-                                (b'filename=x\nconfirm=perhaps\n', b'confirm must be yes or no')):
-            p = subprocess.run([_MOD_PY, LOGFILE_OUT], input=config + b'configure\n',
-                               cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               timeout=_MOD_DEADLINE)
-            assert p.returncode == 1 and p.stdout == b'', config
-            assert message in p.stderr and p.stderr.count(b'\n') == 1, p.stderr
 
     def test_logfile_out_broken_pipe_is_quiet(self, tmp_path):
         p = subprocess.Popen([_MOD_PY, LOGFILE_OUT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
