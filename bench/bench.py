@@ -1647,7 +1647,7 @@ def section_correlation(ctx, tools, results):
     over the same run without the helper call, divided by the keys."""
     args = ctx.args
     n = args.keys
-    hold = 0.3 if args.smoke else 1.0
+    hold = 0.2 if args.smoke else 1.0
     keys_in = write_file(ctx.path('keys_in.py'), KEYS_IN % {'desc': KEY_DESC}, 0o755)
     timeout = max(120.0, n / 2000.0)
     out = {'keys': n, 'hold': hold, 'looper': {}, 'sec': {}}
@@ -2156,7 +2156,7 @@ def parse_args(argv):
         args.lines = args.lines or 2000
         args.keys = args.keys or 2000
         args.rounds = 1
-        args.startup_reps = 5
+        args.startup_reps = 4            # one full rotation of the four commands
         args.latency_events = 100
         args.latency_warmup = 10
         args.latency_interval = 0.002
