@@ -284,6 +284,26 @@ def load_module(path, name=None):
     return module
 
 
+def rsyslogd_process(conf, pidfile, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT):
+    """A real rsyslogd for one test, in the foreground, unprivileged:
+
+        rsyslogd -n -f CONF -i PIDFILE
+
+    -n          no fork: it stays the test's child, stopped by pid (and
+                killed at teardown if the test fails), never outliving it
+    -f CONF     the test's configuration, not /etc/rsyslog.conf (which loads
+                imuxsock on /dev/log and imklog: root, and the host's logs)
+    -i PIDFILE  a pid file in the test's directory, as an absolute path
+                (rsyslogd changes to / at start), not /run/rsyslogd.pid
+
+    Every CONF the tests write starts with global(workDirectory=...) in the
+    test's directory (queue and state files there, not /var/spool/rsyslog),
+    listens on 127.0.0.1 and ports above 1023, and loads imuxsock only with
+    SysSock.Use="off" on a socket of its own."""
+    return subprocess.Popen([need('rsyslogd'), '-n', '-f', conf, '-i', os.path.abspath(pidfile)],
+                            stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr)
+
+
 @pytest.fixture
 def tmp(tmp_path):
     return str(tmp_path)
@@ -2894,22 +2914,20 @@ class TestOperator(object):
 # Deployment: systemd, logrotate, and the two rsyslog recipes of the README
 ##############################################################################
 
-class Rsyslogd(object):
+class RsyslogRelay(object):
     """A real rsyslogd in the foreground (-n), its configuration, pid file
     and work directory in a temp dir; no imuxsock/imklog (so it needs no
     privilege and reads nothing of the host's), an imudp listener on
     127.0.0.1 and the given actions.  stop() is SIGTERM then a bounded wait."""
 
     def __init__(self, directory, body, name='rsyslog'):
-        self.rsyslogd = need('rsyslogd')
         self.port = free_udp_port()
         self.conf = os.path.join(directory, name + '.conf')
         write(self.conf, 'global(workDirectory="%s")\nmodule(load="imudp")\n'
                          'input(type="imudp" address="127.0.0.1" port="%d")\n%s'
               % (directory, self.port, body))
         self.pidfile = os.path.join(directory, name + '.pid')
-        self.proc = subprocess.Popen([self.rsyslogd, '-n', '-f', self.conf, '-i', self.pidfile],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = rsyslogd_process(self.conf, self.pidfile, stderr=subprocess.PIPE)
 
     def send(self, *messages):
         """logger over UDP, RFC 3164, tag myapp."""
@@ -2983,7 +3001,7 @@ class TestDeployment(object):
                            "input rsyslog { module = syslog_in\n logfile = '-' }\n"
                            "output alerts { module = logfile_out\n filename = '%s'\n"
                            " format = json }\n" % out)
-        daemon = Rsyslogd(tmp, 'module(load="omprog")\n'
+        daemon = RsyslogRelay(tmp, 'module(load="omprog")\n'
                                'action(type="omprog" binary="%s %s %s" template="RSYSLOG_FileFormat")\n'
                                % (PY, LOOPER, conf))
         try:
@@ -3006,7 +3024,7 @@ class TestDeployment(object):
         with a statefile; a restart of Looper neither repeats nor skips."""
         messages = os.path.join(tmp, 'messages')
         out = os.path.join(tmp, 'alerts.json')
-        daemon = Rsyslogd(tmp, 'action(type="omfile" file="%s" template="RSYSLOG_FileFormat")\n'
+        daemon = RsyslogRelay(tmp, 'action(type="omfile" file="%s" template="RSYSLOG_FileFormat")\n'
                                % messages)
         conf = config(tmp, "input i {\n module = syslog_in\n logfile = '%s'\n follow = yes\n"
                            " sleeptime = 0.1\n statefile = 'messages.state'\n}\n"
@@ -3562,7 +3580,7 @@ class TestInterop(object):
     def test_rsyslog_file_format_from_logger_is_routed(self, tmp):
         """logger -> rsyslogd (UDP on loopback, RSYSLOG_FileFormat, RFC 3339
         timestamps) -> a file -> syslog_in -> rules -> logfile_out (json)."""
-        rsyslogd = need('rsyslogd')
+        need('rsyslogd')
         logger = need('logger')
         port = free_udp_port()
         messages = os.path.join(tmp, 'messages')
@@ -3572,9 +3590,8 @@ class TestInterop(object):
               'input(type="imudp" address="127.0.0.1" port="%d")\n'
               '*.* action(type="omfile" file="%s" template="RSYSLOG_FileFormat")\n'
               % (tmp, port, messages))
-        daemon = subprocess.Popen([rsyslogd, '-n', '-f', os.path.join(tmp, 'rsyslog.conf'),
-                                   '-i', os.path.join(tmp, 'rsyslog.pid')],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        daemon = rsyslogd_process(os.path.join(tmp, 'rsyslog.conf'),
+                                  os.path.join(tmp, 'rsyslog.pid'), stderr=subprocess.PIPE)
         try:
             def sent():
                 # UDP may be sent before rsyslog listens: resend until both land.
@@ -6008,9 +6025,9 @@ class TestSyslogInNetwork(object):
     def test_udp_every_token(self, tmp):
         m, ((kind, host, port),) = net_module(tmp, 'udp:127.0.0.1:0')
         try:
-            sender = syslog_udp_send(host, port, b'<38>Nov 22 07:39:24 dope sshd[412]: Accepted password',
-                              b'<165>1 2026-11-22T07:39:26.1Z gw2 app - ID7 [x@1 a="b"] rfc 5424\n',
-                              b'no syslog at all')
+            syslog_udp_send(host, port, b'<38>Nov 22 07:39:24 dope sshd[412]: Accepted password',
+                            b'<165>1 2026-11-22T07:39:26.1Z gw2 app - ID7 [x@1 a="b"] rfc 5424\n',
+                            b'no syslog at all')
             events = m.out.wait_events(3)
             source = 'udp:127.0.0.1:%d' % port
             assert events == [
@@ -6458,8 +6475,7 @@ class RsyslogForwarder(object):
               'input(type="imtcp" address="127.0.0.1" port="%d" ruleset="fwd")\n' % self.port +
               'ruleset(name="fwd") {\n%s\n}\n' % actions)
         self.log = open(os.path.join(directory, 'rsyslogd.out'), 'wb')
-        self.proc = subprocess.Popen([need('rsyslogd'), '-n', '-f', self.conf, '-i', self.pidfile],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = rsyslogd_process(self.conf, self.pidfile, stdout=self.log)
         self.sock = None
 
         def connected():
@@ -7435,8 +7451,7 @@ class RsyslogReceiver(object):
 
     def start(self):
         self._err = open(self.log, 'ab')
-        self.proc = subprocess.Popen([self.program, '-n', '-f', self.conf, '-i', self.pidfile],
-                                     stdin=subprocess.DEVNULL, stdout=self._err, stderr=self._err)
+        self.proc = rsyslogd_process(self.conf, self.pidfile, stdout=self._err, stderr=self._err)
 
         def ready():
             if self.proc.poll() is not None:
