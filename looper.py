@@ -896,8 +896,11 @@ def _load_rules(config, check=False):
             errors.append(_ConfigError(path, 1, problem))
             continue
         try:
+            # From the source, not from the syntax tree: compiling a tree too
+            # deep for the compiler crashes Python 3.6 where the source
+            # gives a RecursionError.
+            code = compile(source, path, 'exec', dont_inherit=True)
             tree = compile(source, path, 'exec', ast.PyCF_ONLY_AST, dont_inherit=True)
-            code = compile(tree, path, 'exec', dont_inherit=True)
         except SyntaxError as e:
             errors.append(_ConfigError(path, e.lineno or 1, '%s: %s' % (type(e).__name__, e.msg)))
             continue
