@@ -896,8 +896,11 @@ def _load_rules(config, check=False):
             errors.append(_ConfigError(path, 1, problem))
             continue
         try:
+            # From the source, not from the syntax tree: compiling a tree too
+            # deep for the compiler crashes Python 3.6 where the source
+            # gives a RecursionError.
+            code = compile(source, path, 'exec', dont_inherit=True)
             tree = compile(source, path, 'exec', ast.PyCF_ONLY_AST, dont_inherit=True)
-            code = compile(tree, path, 'exec', dont_inherit=True)
         except SyntaxError as e:
             errors.append(_ConfigError(path, e.lineno or 1, '%s: %s' % (type(e).__name__, e.msg)))
             continue
@@ -2174,13 +2177,13 @@ class _Input(object):
             _log.log(logging.INFO if self.module.state == 'stopping' else logging.WARNING,
                      "%s: discarded an incomplete event (%d lines without 'go') at the end "
                      "of its output", self.label, lost)
+        if code == EX_CONFIG:
+            return 'fatal', ''
         if self.module.state == 'stopping' or self.router.stopping:
             return 'done', ''
         if code == 0:
             self.finished = True
             return 'done', ': the input is finished'
-        if code == EX_CONFIG:
-            return 'fatal', ''
         return 'restart', ''
 
     def __repr__(self):
@@ -2454,7 +2457,7 @@ class _Output(object):
             self.router.stdout_closed()
             ledger.lose()
             return 'done', None
-        if code == EX_CONFIG and not stopping:
+        if code == EX_CONFIG:
             self.close('its configuration is wrong (%s)' % self.block.where())
             decision = 'fatal'
         elif self.closed or (stopping and not ledger.events):
