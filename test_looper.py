@@ -250,9 +250,10 @@ import os, sys
 config = dict(line.rstrip('\n').split('=', 1) for line in sys.stdin if '=' in line)
 n = int(config.get('count', '10'))
 start = int(config.get('first', '0'))
+pad = 'pad=%s\n' % ('x' * int(config['pad'])) if 'pad' in config else ''
 out = sys.stdout
 for i in range(start, n):
-    out.write('n=%d\nmsg=event %d\ngo\n' % (i, i))
+    out.write('n=%d\nmsg=event %d\n%sgo\n' % (i, i, pad))
 out.flush()
 '''
 
@@ -1294,8 +1295,9 @@ class TestDelivery(object):
                   "if not os.path.exists('hung'):\n"
                   "    open('hung', 'w').close(); time.sleep(1000)\n"
                   "exec(open('rec').read())\n")
+        # 3000 events of 400 bytes: more than the module's 1 MiB pipe holds.
         conf = delivery_conf(tmp, 3000, [
-            ('h', " module = hangonce\n writetimeout = 1\n" + FAST)])
+            ('h', " module = hangonce\n writetimeout = 1\n" + FAST)], input_extra=' pad = 380\n')
         p = run([conf])
         assert p.returncode == 0, p.stderr
         assert re.search(r"output 'h' \(pid \d+\): accepted no data for \d+ s \(writetimeout\); "
@@ -1816,8 +1818,11 @@ class TestReliability(object):
     def test_a_reload_that_replaces_a_stuck_output_resumes_routing(self, tmp):
         """Issue 12.4: fixing a stuck output by a reload, under
         back-pressure, gets every event through (0 in 8 s before)."""
+        # Events of 400 bytes: more than the stuck module's 1 MiB pipe holds.
         py_module(tmp, 'src', COUNTER_IN.replace("out.flush()",
-                                                 "out.flush()\nimport time\ntime.sleep(1000)"))
+                                                 "out.flush()\nimport time\ntime.sleep(1000)")
+                  .replace("'n=%d\\nmsg=event %d\\ngo\\n' % (i, i)",
+                           "'n=%d\\nmsg=event %d %s\\ngo\\n' % (i, i, 'x' * 380)"))
         py_module(tmp, 'rec', RECORDER)
         sh_module(tmp, 'stuck', 'exec sleep 1000\n')
         head = "inputmodulepath = .\noutputmodulepath = .\n" \
@@ -1851,7 +1856,9 @@ class TestReliability(object):
         looper = Looper(conf)
         peak = peak_rss_while(looper.proc, 20)
         assert looper.wait() == 0, looper.log()
-        assert peak < 60000, peak
+        # Bounded: at most one pipe's worth read after the exit, and at most
+        # one read of events waiting as dicts for room in the queue.
+        assert peak < 100000, peak
         assert [p for p in descendants(os.getpid()) if 'src' in read('/proc/%d/cmdline' % p)] == []
 
     @pytest.mark.parametrize('line, message', [
@@ -2272,7 +2279,9 @@ class TestOperator(object):
                          r"picky: no filename configured" % re.escape(conf), p.stderr), p.stderr
         assert p.stderr.count('exited with status 78') == 1
         c = counters(p.stderr)
-        assert c['output.o.restarts'] == 0 and c['output.o.lost'] == 5
+        # Lost, or unconfirmed if its buffered readline() took them first.
+        assert c['output.o.restarts'] == 0
+        assert c['output.o.lost'] + c['output.o.unconfirmed'] == 5, c
 
     def test_check_reads_the_rules_for_unknown_outputs_and_missing_imports(self, tmp):
         conf = norules_conf(tmp, "import os\nimport no_such_module_here\n"
@@ -2864,12 +2873,14 @@ class TestWatchfor(object):
             files = [('f%d' % i, b'', compile('pass', 'f', 'exec'), re.compile(p, re.M))
                      for i, p in enumerate(chosen)]
             rules = lib._Rules(files, ['o'], lambda *a: None)
-            got = [i for i, _, _ in rules.matching(text)]
+            got = [i for i, _, _, _ in rules.matching(text)]
             expected = [i for i, e in enumerate(events)
                         if any(re.search(p, e, re.M) for p in chosen)]
             assert got == expected, (chosen, events, got, expected)
-            for i, start, end in rules.matching(text):
+            for i, start, end, matched in rules.matching(text):
                 assert text[start:end] == events[i]
+                assert set(p.pattern for p in matched) == \
+                    set(p for p in chosen if re.search(p, events[i], re.M)), (chosen, events[i])
 
     def test_a_rules_file_delivers_the_same_with_and_without_its_watchfor(self, tmp):
         """Property test over generated events, through real runs: the raw
