@@ -1230,8 +1230,12 @@ class _EventParser(object):
         check_lines (watchfor), the lines are not checked one by one: the
         events that match are parsed with care, the others are dropped
         unread."""
-        if self._partial or self._skip_event or self.lines._skipping:
+        if self._skip_event or self.lines._skipping:
             return None
+        if self._partial:
+            # The careful path left the start of an event: its lines, whole.
+            self.lines._tail = self._partial.encode('utf-8', 'surrogateescape') + self.lines._tail
+            self._partial = ''
         buf = self.lines._tail + data if self.lines._tail else data
         end = buf.rfind(b'\ngo\n') + 4
         if end < 4:
@@ -2271,12 +2275,26 @@ class _Output(object):
         ledger = self.ledger
         return ledger.events >= self.block.queuesize or ledger.bytes >= self.block.queuebytes
 
-    def room(self, count, size):
-        """Whether `count` events of `size` bytes fit in the queue now (or
-        would be counted lost anyway)."""
+    def enqueue_read(self, data, count, seq):
+        """A read's worth of whole events (NORULES), as one entry.  A
+        blocking output takes it whole, so its bounds are exceeded by at
+        most one read (READ_CHUNK bytes) and the input pauses after it; a
+        dropping output takes the events that fit and drops the rest,
+        counted.  True when that made a blocking output full."""
         ledger = self.ledger
-        return bool(self.closed) or (ledger.events + count <= self.block.queuesize and
-                                     ledger.bytes + size <= self.block.queuebytes)
+        block = self.block
+        if self.blocking or self.closed or (ledger.events + count <= block.queuesize and
+                                            ledger.bytes + len(data) <= block.queuebytes):
+            if self.closed or not self.blocking:
+                return self.enqueue(data, count, seq)
+            ledger.add(data, count, seq)
+            self.loop.dirty.add(self)
+            return self.full()
+        pieces = data.split(b'\ngo\n')
+        pieces.pop()
+        for i, piece in enumerate(pieces):
+            self.enqueue(piece + b'\ngo\n', 1, seq + i)
+        return False
 
     def enqueue(self, data, count, seq):
         """Queue `count` events (their bytes), or drop and count them; True
@@ -3297,18 +3315,15 @@ class _Router(object):
 
     def _pass_through(self, data, count):
         """NORULES: the input's bytes go to every output as they came, one
-        queue entry for the chunk, when every queue has room for all of it;
-        else event by event (so block and drop apply to each event)."""
-        for output in self.outputs.values():
-            if not output.room(count, len(data)):
-                self.take(_plain_events(data.decode('utf-8', 'surrogateescape')))
-                return
+        queue entry for the read (see _Output.enqueue_read)."""
         first = self.events_in
         self.events_in += count
         self.deliveries += count * len(self._all)
         for output in self.outputs.values():
-            if output.enqueue(data, count, first):
+            if output.enqueue_read(data, count, first):
                 self.blocked = True
+        if self.blocked:
+            self.input.pause()
 
     def _watch(self, parser, data, count):
         """Every rules file has a watchfor: search the chunk as a whole
@@ -3409,7 +3424,7 @@ class _Router(object):
             else:
                 self._deliver(self._all, _encode_event(event), event)
             self._seq = None
-        if not pending:
+        if not pending and not self.blocked:
             self.input.resume()
             if self.stopping:
                 for output in self.all_outputs():    # they may be waiting to quit

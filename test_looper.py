@@ -1818,21 +1818,19 @@ class TestReliability(object):
     def test_a_reload_that_replaces_a_stuck_output_resumes_routing(self, tmp):
         """Issue 12.4: fixing a stuck output by a reload, under
         back-pressure, gets every event through (0 in 8 s before)."""
-        # Events of 400 bytes: more than the stuck module's 1 MiB pipe holds.
         py_module(tmp, 'src', COUNTER_IN.replace("out.flush()",
-                                                 "out.flush()\nimport time\ntime.sleep(1000)")
-                  .replace("'n=%d\\nmsg=event %d\\ngo\\n' % (i, i)",
-                           "'n=%d\\nmsg=event %d %s\\ngo\\n' % (i, i, 'x' * 380)"))
+                                                 "out.flush()\nimport time\ntime.sleep(1000)"))
         py_module(tmp, 'rec', RECORDER)
         sh_module(tmp, 'stuck', 'exec sleep 1000\n')
+        # Events of 400 bytes: more than the stuck module's 1 MiB pipe holds.
         head = "inputmodulepath = .\noutputmodulepath = .\n" \
-               "input i { module = src\n count = 5000 }\n"
+               "input i { module = src\n count = 5000\n pad = 380 }\n"
         conf = config(tmp, head + "output o {\n module = stuck\n queuesize = 100\n closetimeout = 0.5\n"
                                   " draintimeout = 1\n}\n")
         looper = Looper(conf)
-        wait_until(lambda: (lambda c: c['input.i.pending'] > 0)(
+        wait_until(lambda: (lambda c: c['output.o.queued'] >= 100)(
             send_counters(looper, 1 + len(re.findall('counters:', looper.log())))),
-            what='back-pressure')
+            what='back-pressure: a full queue')
         write(conf, head + "output o {\n module = rec\n queuesize = 100\n}\n")
         looper.signal(signal.SIGHUP)
         wait_until(lambda: len(recorded(tmp, 'o')) == 5000, 60, 'every event after the reload')
