@@ -1335,7 +1335,8 @@ class _Loop(object):
     """Owns the selector and the deadlines.  Registered objects are in
     key.data and have on_ready(mask); the loop body is one select and the
     deadlines that came due.  `dirty` holds outputs to flush before the
-    next select, and `idle` callables run then too (acknowledgements)."""
+    next select, and `before_select` callables run then too (acknowledged
+    input's `ok`s); `timers` are the rules' timers."""
 
     def __init__(self):
         self.sel = _make_selector()
@@ -2282,15 +2283,14 @@ class _Output(object):
         dropping output takes the events that fit and drops the rest,
         counted.  True when that made a blocking output full."""
         ledger = self.ledger
-        block = self.block
-        if self.blocking or self.closed or (ledger.events + count <= block.queuesize and
-                                            ledger.bytes + len(data) <= block.queuebytes):
-            if self.closed or not self.blocking:
-                return self.enqueue(data, count, seq)
+        if self.blocking and not self.closed:
             ledger.add(data, count, seq)
             self.loop.dirty.add(self)
             return self.full()
-        pieces = data.split(b'\ngo\n')
+        if self.closed or (ledger.events + count <= self.block.queuesize and
+                           ledger.bytes + len(data) <= self.block.queuebytes):
+            return self.enqueue(data, count, seq)
+        pieces = data.split(b'\ngo\n')          # dropping, and it does not all fit
         pieces.pop()
         for i, piece in enumerate(pieces):
             self.enqueue(piece + b'\ngo\n', 1, seq + i)
