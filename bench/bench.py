@@ -1032,7 +1032,7 @@ class LooperWatchfor(Looper):
     rules_text = WATCHFOR_RULES
 
 
-class NoRules(Tool):
+class NoRules(Looper):
     """NORULES: shipped syslog_in -> shipped logfile_out, every event
     unchanged (the original Looper's first example).  confirm None: as
     shipped (logfile_out's declaration decides); else 'yes' or 'no' set in
@@ -1056,12 +1056,6 @@ class NoRules(Tool):
         self.conf = looper_conf(ctx, 'bench-' + self.name, 'NORULES',
                                 {'module': 'syslog_in', 'logfile': ctx.input}, [('out', block)])
         self.skip = looper_check(ctx, self.conf)
-
-    def argv(self, ctx):
-        return [ctx.python, ctx.looper, self.conf]
-
-    def before(self, ctx):
-        rm(self.out)
 
     def count(self, ctx):
         return count_lines(self.out), None
