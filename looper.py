@@ -2349,7 +2349,10 @@ class _Output(object):
         module = self.module
         if self.predecessor is not None:
             return                  # its events come first: wait until it is gone
-        if self.ready and module.running and not self._retry.active:
+        if self.ready and module.running and not self._retry.active and not self.stale:
+            # After an `error`, nothing is resent until the module has
+            # answered every event it had behind the failed one, so all of
+            # those come before the first resent one.
             stdin = module.child.stdin
             ledger = self.ledger
             if self.confirm:
@@ -2443,6 +2446,8 @@ class _Output(object):
             k = min(n, self.stale)      # answers for events already put back: ignored
             self.stale -= k
             n -= k
+            if not self.stale:
+                self.loop.dirty.add(self)   # the resend may go (flush)
         extra = max(0, n - ledger.inflight)
         n -= extra
         if n:

@@ -1332,6 +1332,62 @@ class TestDelivery(object):
         assert sorted(set(got)) == list(range(30))
         assert all(b >= a or b == a - 1 for a, b in zip(got, got[1:])), got
 
+    def test_after_an_error_nothing_is_resent_until_the_events_behind_it_are_answered(
+            self, tmp):
+        """Go-back-N: with three events in flight, the module answers
+        `error` for the first and takes 0.5 s to answer the other two.
+        Looper resends nothing meanwhile (before, it resent after
+        retrydelay, so a resend could reach a module still busy with the
+        events behind the failed one, and go after them); then all three
+        come again, in order."""
+        py_module(tmp, 'slowstale', r'''
+import os, select
+buf = b''
+def lines():
+    global buf
+    while True:
+        while b'\n' in buf:
+            line, _, buf = buf.partition(b'\n')
+            yield line.decode()
+        data = os.read(0, 65536)
+        if not data:
+            return
+        buf += data
+it = lines()
+for line in it:
+    if line == 'configure':
+        break
+os.write(1, b'ok\n')
+seen, first = 0, True
+with open('stale.out', 'w') as out:
+    for line in it:
+        if line.startswith('n='):
+            n = line
+        if line != 'go':
+            continue
+        seen += 1
+        if first:
+            if seen < 3:
+                continue
+            first = False
+            os.write(1, b'error busy\n')
+            early = select.select([0], [], [], 0.5)[0] or b'\n' in buf
+            out.write('resent early\n' if early else 'quiet\n')
+            out.flush()
+            os.write(1, b'error busy\nerror busy\n')
+            continue
+        out.write(n + '\n')
+        out.flush()
+        os.write(1, b'ok\n')
+''')
+        conf = delivery_conf(tmp, 3, [
+            ('c', " module = slowstale\n confirm = yes\n confirmwindow = 3\n"
+                  " retrydelay = 0.05\n" + FAST)])
+        p = run([conf], cwd=tmp)
+        assert p.returncode == 0, p.stderr
+        assert read(os.path.join(tmp, 'stale.out')).split() == ['quiet', 'n=0', 'n=1', 'n=2']
+        assert counters(p.stderr)['output.c.confirmed'] == 3
+
     def test_confirmed_events_survive_a_looper_stop_with_a_dead_output(self, tmp):
         """Shutdown waits for the restarted output to confirm its queue."""
         conf = delivery_conf(tmp, 40, [
@@ -3371,6 +3427,15 @@ class LogfileModule(object):
     def wait_exit(self, timeout=DEADLINE):
         return self.proc.wait(timeout=timeout)
 
+    def no_answer_for(self, seconds):
+        """Nothing is answered for `seconds` (a pause such as Looper's
+        retrydelay after an error)."""
+        before = len(self.out.data)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(self.out.data) == before, self.out.data[before:]
+
     def stop(self):
         if self.proc.poll() is None:
             self.proc.kill()
@@ -3702,9 +3767,10 @@ class TestLogfileOut(object):
                 data = f.read()
             assert len(data) == 2 * size + 10 and data.count(b'\n') == 2
             # Room again (copytruncate): the partial line is ended first.
-            # (Once the module waits on stdin, it has seen it idle: the
-            # events in flight with the failed one are all read.)
+            # (Once stdin has been quiet for 50 ms, as during Looper's
+            # retrydelay, the events in flight with the failed one are all read.)
             wait_until(lambda: proc_state(m.proc.pid) == 'S', what='the module to wait on stdin')
+            m.no_answer_for(0.1)
             os.truncate(os.path.join(tmp, 'out.log'), 0)
             m.send('n=9\ngo\n')
             assert m.wait_answers(7)[6] == 'ok'
@@ -3736,7 +3802,7 @@ class TestLogfileOut(object):
                 FakeFile.write(self, data)
 
         class Stdin(FakeText):
-            def ready(self):                 # the next chunk is already in the pipe
+            def ready(self, timeout=0.0):    # the next chunk is already in the pipe
                 return bool(self.chunks) and self.chunks[0].startswith('b=')
 
         destination = FailsOnce()
@@ -7562,12 +7628,14 @@ class TestSyslogOutModule(object):
             answers = m.answers(2)
             assert all(a.startswith('error cannot connect to tcp:127.0.0.1:%d: ' % port)
                        for a in answers), answers
+            m.no_answer_for(0.1)            # as Looper's retrydelay: the refusal ends
             m.send({'message': 'c'})        # within the delay: no attempt
             assert re.match(r'error not connected to tcp:127\.0\.0\.1:\d+ \(next attempt in [12]\.\d\d s\)$',
                             m.answers(1)[0])
             server = FakeStreamServer(address=('127.0.0.1', port))
             try:
                 def delivered():
+                    m.no_answer_for(0.1)    # Looper's retrydelay after an error
                     m.send({'message': 'd'})
                     return m.answers(1) == ['ok']
                 wait_until(delivered, what='a connection after the delay')
@@ -7604,6 +7672,7 @@ class TestSyslogOutModule(object):
             server.rsp(0, 5, b'400 not now')
             assert m.answers(3) == ['error connection to relp:127.0.0.1:%d lost: the server '
                                     'answered 400 not now' % server.port] * 3
+            m.no_answer_for(0.1)            # Looper's retrydelay: the refusal ends
             m.send({'message': 'again'}, {'message': 'and again'})
             got = server.get(2)
             assert [(s, t) for s, t, _ in got] == [(1, 2), (1, 3)]
@@ -7614,6 +7683,7 @@ class TestSyslogOutModule(object):
             server.serverclose(1)
             assert m.answers(1) == ['error connection to relp:127.0.0.1:%d lost: the server closed '
                                     'the session (serverclose)' % server.port]
+            m.no_answer_for(0.1)
             m.send({'message': 'once more'})
             (session, txnr, data), = server.get(1)
             assert (session, txnr) == (2, 2) and data.endswith(b' once more')
@@ -7630,6 +7700,35 @@ class TestSyslogOutModule(object):
             server.close()
         assert re.search(r'RELP session with relp:127.0.0.1:\d+ ended: the server answered 400 not '
                          r'now; 3 messages in flight answered error', m.stderr())
+
+    def test_after_an_error_the_messages_behind_it_are_refused_unsent_until_stdin_is_quiet(
+            self, tmp):
+        """Looper sends the failed message again after the ones it had
+        written behind it: those are answered `error` and not sent (before,
+        the next message went on a new session at once, ahead of the resend)."""
+        server = FakeRelpServer()
+        m = SyslogOut(tmp, server='relp:127.0.0.1:%d' % server.port, confirm='yes', timeout='20',
+                      reconnectdelay='0.1')
+        try:
+            assert m.answers(1) == ['ok']
+            m.send({'message': 'first'})
+            server.get(1)
+            server.rsp(0, 2, b'400 not now')
+            [error] = m.answers(1)
+            assert error.startswith('error connection to relp:'), error
+            m.send({'message': 'behind'})           # Looper had written it behind `first`
+            assert m.answers(1) == [error]
+            m.no_answer_for(0.1)                    # Looper's retrydelay
+            m.send({'message': 'first'}, {'message': 'behind'})
+            got = server.get(2)
+            assert [d.rsplit(b' ', 1)[1] for _, _, d in got] == [b'first', b'behind'], got
+            assert [s for s, _, _ in got] == [1, 1]     # on the next session, nothing before them
+            server.rsp(1, 2)
+            server.rsp(1, 3)
+            assert m.answers(2) == ['ok', 'ok']
+        finally:
+            assert m.quit() == 0
+            server.close()
 
     def test_relp_no_answer_within_timeout_is_an_error(self, tmp):
         server = FakeRelpServer()
@@ -8938,6 +9037,22 @@ class TestSnmpTrapOut(object):
         assert down['pdu'] == up['pdu'] == 'INFORM, SNMP v2c, community public'
         assert down['transport'].startswith('UDP/IPv6: [::1]:'), down['transport']
         assert down['varbinds'][IF_INDEX_2] == 'INTEGER: 2' and up['varbinds'][TRAP_OID] == 'OID: .1.3.6.1.6.3.1.1.5.4'
+
+    def test_after_an_error_the_events_behind_it_are_refused_unsent_until_stdin_is_quiet(
+            self, tmp):
+        closed = free_udp_port()                    # nothing listens: each inform is refused
+        out = TrapOut(tmp, managementstation='127.0.0.1:%d' % closed, inform='yes', timeout='5')
+        try:
+            [answer] = out.send({'trapoid': LINK_DOWN})
+            assert answer.startswith('error 127.0.0.1:%d refused the inform' % closed), answer
+            # Written by Looper behind the failed one: answered at once, unsent.
+            assert out.send({'trapoid': LINK_DOWN}) == ['error not sent: an earlier event failed']
+            with pytest.raises(AssertionError):
+                out.answers(1, timeout=0.1)         # quiet, as Looper before it resends
+            [answer] = out.send({'trapoid': LINK_DOWN})
+            assert answer.startswith('error 127.0.0.1:%d refused the inform' % closed), answer
+        finally:
+            assert out.close() == 0
 
     def test_informs_without_a_response_are_errors_and_later_ones_follow_in_order(self, tmp):
         answered = set()
@@ -10278,7 +10393,11 @@ class TestSocketOut(object):
         counts = stopped_counts(out.log())
         assert counts['sent'] == 5 and counts['acknowledged'] == 5 and counts['errors'] == 0
 
-    def test_a_broken_connection_answers_error_for_every_event_in_flight(self, tmp, stoppers):
+    def test_a_broken_connection_sends_the_events_in_flight_again_first(self, tmp, stoppers):
+        """A break answers nothing: the module itself sends the events in
+        flight again on the next connection, ahead of one that came while
+        it was down (answering them `error` let that one overtake them:
+        edge B out of order at 6932, 6979 after 6931, in a CI run)."""
         server = FakeServer(stoppers)
         out = start_socket_out(tmp, stoppers, server.port, reconnectdelay='0.05',
                                maxreconnectdelay='0.05')
@@ -10288,18 +10407,42 @@ class TestSocketOut(object):
         wire.send('ok 1\n')
         out.wait_replies(2)
         wire.stop()                                 # events 2 and 3 are in flight
-        replies = out.wait_replies(4)
-        assert replies[1] == 'ok'
-        assert replies[2:] == ['error connection to 127.0.0.1:%d lost: 127.0.0.1:%d closed '
-                               'the connection' % (server.port, server.port)] * 2
-        out.wait_log(r'connection to 127\.0\.0\.1:\d+ lost: .*; 2 events in flight answered '
-                     r'error \(Looper sends them again\); reconnecting in 0\.05 s')
-        # Looper resends them; they wait for the next connection, numbered from 1.
-        out.send(protocol([('n', '2')]) + protocol([('n', '3')]))
+        out.wait_log(r'connection to 127\.0\.0\.1:\d+ lost: .*; 2 events in flight will be '
+                     r'sent again; reconnecting in 0\.05 s')
+        out.send(protocol([('n', '4')]))            # while it is down
         wire = server.accept()
-        assert [wire.event() for _ in range(2)] == [{'n': '2'}, {'n': '3'}]
+        assert [wire.event() for _ in range(3)] == [{'n': '2'}, {'n': '3'}, {'n': '4'}]
+        wire.send('ok 3\n')                         # numbered from 1 on the new connection
+        assert out.wait_replies(5) == ['ok'] * 5    # no error at all
+        out.send('quit\n')
+        assert out.wait_exit() == 0
+        counts = stopped_counts(out.log())
+        assert counts['errors'] == 0 and counts['acknowledged'] == 4, counts
+
+    def test_after_acktimeout_the_events_behind_are_refused_until_it_is_back(
+            self, tmp, stoppers):
+        """An `error` makes Looper send that event again after the ones it
+        had already written behind it: those are answered `error` unsent,
+        until the connection is back and stdin idle, so none overtakes it."""
+        server = FakeServer(stoppers)
+        out = start_socket_out(tmp, stoppers, server.port, acktimeout='0.5',
+                               reconnectdelay='0.05', maxreconnectdelay='0.05')
+        wire = server.accept()
+        out.send(protocol([('n', '1')]))
+        assert wire.event() == {'n': '1'}
+        replies = out.wait_replies(2)               # not acknowledged within 0.5 s
+        assert replies[1].startswith('error connection to 127.0.0.1:%d lost: no '
+                                     'acknowledgement' % server.port), replies
+        assert wire.closed()
+        out.send(protocol([('n', '2')]))            # written behind n=1 before the error
+        replies = out.wait_replies(3)
+        assert replies[2] == replies[1], replies    # refused, unsent
+        wire = server.accept()
+        out.wait_log(r'connected to 127\.0\.0\.1:\d+', count=2)
+        out.send(protocol([('n', '1')]) + protocol([('n', '2')]))  # Looper's resend
+        assert [wire.event() for _ in range(2)] == [{'n': '1'}, {'n': '2'}]
         wire.send('ok 2\n')
-        assert out.wait_replies(6)[4:] == ['ok', 'ok']
+        assert out.wait_replies(5)[3:] == ['ok', 'ok']
 
     def test_reject_from_the_far_end_is_answered_reject(self, tmp, stoppers):
         server = FakeServer(stoppers)
@@ -10351,8 +10494,11 @@ class TestSocketOut(object):
         assert replies[1:] == ['error not connected to 127.0.0.1:%d' % port] * 2
         out.wait_log(r'cannot connect to 127\.0\.0\.1:%d: Connection refused; retrying in '
                      r'0\.05 s \(1 attempts failed in a row\)' % port)
-        # A listener appears: the next events go through.
+        # A listener appears: once connected, the next events go through
+        # (until then, events are answered `error` at once: they may be the
+        # ones Looper had written behind 1 and 2, which must not overtake them).
         central, _ = start_socket_in(tmp, stoppers, listen='127.0.0.1:%d' % port, ack=False)
+        out.wait_log(r'connected to 127\.0\.0\.1:%d' % port)
         out.send(protocol([('n', '3')]))
         assert out.wait_replies(4)[3] == 'ok'
         assert central.events() == [{'n': '3'}]
@@ -10775,6 +10921,12 @@ class MailModule(object):
         """Send events, return their answers."""
         self.events(*events)
         return self.answers(len(events))
+
+    def no_answer_for(self, seconds):
+        """Nothing is answered for `seconds` (a pause such as Looper's
+        retrydelay after an error)."""
+        fd = self.proc.stdout.fileno()
+        assert not self._buf and not select.select([fd], [], [], seconds)[0], self._buf
 
     def stderr(self):
         return read(self.stderr_path)
@@ -11972,12 +12124,17 @@ class TestAlertmanagerOutUnits(object):
         try:
             mod = MailModule(ALERTMANAGER_OUT, tmp, {'url': fake.url})
             assert mod.answers(1) == ['ok']
-            answers = [mod.ask({'alertname': 'A%d' % i})[0] for i in range(4)]
+            answers = []
+            for i in range(4):
+                if answers:
+                    mod.no_answer_for(0.1)      # Looper's retrydelay: the refusal ends
+                answers.append(mod.ask({'alertname': 'A%d' % i})[0])
             assert answers == ['error %s/api/v2/alerts: 503 no, no.' % fake.url,
                                'error %s/api/v2/alerts: 429 no, no.' % fake.url,
                                'reject %s/api/v2/alerts: 404 no, no.' % fake.url,
                                'error %s/api/v2/alerts: redirected (307 no, no.)' % fake.url]
             assert 'answers with a redirect (/elsewhere)' in mod.stderr()
+            mod.no_answer_for(0.1)
             mod.send(event_text(*[{'alertname': 'B%d' % i} for i in range(50)]))
             assert mod.answers(50) == ['ok'] * 50
             assert mod.close() == 0
@@ -12010,6 +12167,29 @@ class TestAlertmanagerOutUnits(object):
             answers = mod.answers(3)
             assert answers[0].startswith('error ') and all(
                 a.startswith('error ') for a in answers), answers
+            assert mod.close() == 0
+        finally:
+            fake.stop()
+
+    def test_after_an_error_the_events_behind_it_are_refused_unsent_until_stdin_is_quiet(
+            self, tmp):
+        """Looper sends the failed event again after the ones it had written
+        behind it: those are answered `error` and not posted, so a
+        `resolved` never overtakes its `firing`; after 50 ms of quiet on
+        stdin (Looper's pause before resending), alerts are posted again."""
+        fake = FakeAlertmanager([503, 200])
+        try:
+            mod = MailModule(ALERTMANAGER_OUT, tmp, {'url': fake.url})
+            assert mod.answers(1) == ['ok']
+            assert mod.ask({'alertname': 'Down'})[0].startswith('error %s' % fake.url)
+            refused = mod.ask({'alertname': 'Down', 'status': 'resolved'})
+            assert refused == ['error not sent: an earlier alert failed'], refused
+            assert len(fake.requests) == 1                  # the resolved one was not posted
+            mod.no_answer_for(0.1)
+            assert mod.ask({'alertname': 'Down'}, {'alertname': 'Down', 'status': 'resolved'}) \
+                == ['ok', 'ok']
+            posted = json.loads(fake.requests[-1][2].decode())
+            assert [alert.get('endsAt') is None for alert in posted] == [True, False], posted
             assert mod.close() == 0
         finally:
             fake.stop()
