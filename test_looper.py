@@ -9708,6 +9708,15 @@ class Mod(object):
         return wait_until(lambda: len(self.replies()) >= count and self.replies(), timeout,
                           '%d replies (have %r; log %s)' % (count, self.replies(), self.log()))
 
+    def no_reply_for(self, seconds):
+        """Nothing is answered for `seconds` (a pause such as Looper's
+        retrydelay after an error)."""
+        before = len(self.replies())
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(self.replies()) == before, self.replies()[before:]
+
     def wait_exit(self, timeout=DEADLINE):
         code = self.proc.wait(timeout)
         self.pump()
@@ -10439,6 +10448,7 @@ class TestSocketOut(object):
         assert replies[2] == replies[1], replies    # refused, unsent
         wire = server.accept()
         out.wait_log(r'connected to 127\.0\.0\.1:\d+', count=2)
+        out.no_reply_for(0.1)                       # Looper's retrydelay
         out.send(protocol([('n', '1')]) + protocol([('n', '2')]))  # Looper's resend
         assert [wire.event() for _ in range(2)] == [{'n': '1'}, {'n': '2'}]
         wire.send('ok 2\n')
@@ -10499,6 +10509,7 @@ class TestSocketOut(object):
         # ones Looper had written behind 1 and 2, which must not overtake them).
         central, _ = start_socket_in(tmp, stoppers, listen='127.0.0.1:%d' % port, ack=False)
         out.wait_log(r'connected to 127\.0\.0\.1:%d' % port)
+        out.no_reply_for(0.1)                       # Looper's retrydelay
         out.send(protocol([('n', '3')]))
         assert out.wait_replies(4)[3] == 'ok'
         assert central.events() == [{'n': '3'}]
@@ -11771,6 +11782,7 @@ class TestEmailOutSmtp(object):
         first = mod.ask(mail)
         assert first == ['error recipients refused for now: busy@example.org: '
                          '451 busy, try again later'], first
+        mod.no_answer_for(0.1)              # Looper's retrydelay
         assert mod.ask(mail) == ['ok']
         assert mod.close() == 0
         assert [m['Subject'] for m in exim.wait_mails(1)] == ['retry me']
@@ -11784,6 +11796,7 @@ class TestEmailOutSmtp(object):
         assert mod.ask({'mailto': 'alwaysbusy@x, nobody@x', 'mailsubject': 'later'}) == [
             'error recipients refused for now: alwaysbusy@x: 451 busy, try again much later, '
             'nobody@x: 550 no such user']
+        mod.no_answer_for(0.1)              # Looper's retrydelay
         assert mod.ask({'mailto': 'someone@example.org', 'mailsubject': 'next'}) == ['ok']
         assert mod.close() == 0
         assert [m['Subject'] for m in exim.wait_mails(1)] == ['next']
