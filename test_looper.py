@@ -10514,6 +10514,26 @@ class TestSocketOut(object):
         assert out.wait_replies(4)[3] == 'ok'
         assert central.events() == [{'n': '3'}]
 
+    def test_a_refusal_while_disconnected_keeps_cpu_low(self, tmp, stoppers):
+        """After the `error`s of acktimeout, with nothing to connect to, the
+        module waits (a refusal's deadline once passed must not make its
+        select time out at once, over and over)."""
+        port = free_tcp_port()                       # nothing listens there
+        out = start_socket_out(tmp, stoppers, port, acktimeout='0.2', reconnectdelay='0.5',
+                               maxreconnectdelay='0.5')
+        out.send(protocol([('n', '1')]))
+        out.wait_replies(2)
+        out.send(protocol([('n', '2')]))             # refused: the refusal begins
+        out.wait_replies(3)
+
+        def cpu():
+            with open('/proc/%d/stat' % out.proc.pid) as f:
+                return sum(int(x) for x in f.read().rsplit(')', 1)[1].split()[11:13])
+        before, t0 = cpu(), time.monotonic()
+        out.no_reply_for(1.0)
+        used = (cpu() - before) / os.sysconf('SC_CLK_TCK')
+        assert used < 0.2 * (time.monotonic() - t0), used
+
     def test_reconnect_delay_grows_and_is_capped(self, tmp, stoppers):
         server = FakeServer(stoppers)
         start_socket_out(tmp, stoppers, server.port, reconnectdelay='0.05',
