@@ -11892,7 +11892,9 @@ class TestEmailOutSmtp(object):
             assert answers == ['ok', 'ok'] and status == 0, stderr
         mails = exim.wait_mails(2)
         assert [m['Subject'] for m in mails] == ['accentué', 'accentué']
-        assert exim.log().count('=> né <né@exemple.fr>') == 2, exim.log()
+        # Exim logs a delivery after it has written the mail: wait for it.
+        wait_until(lambda: exim.log().count('=> né <né@exemple.fr>') == 2,
+                   what='two deliveries in the exim log:\n' + exim.log())
         assert 'P=utf8esmtp' in exim.log() and '=?utf-8' not in exim.log()
 
     def test_a_server_that_wants_a_login_is_an_error_and_a_warning(self, tmp, exim):
