@@ -73,6 +73,16 @@ def wait_until(predicate, timeout=DEADLINE, what='condition'):
         time.sleep(0.01)
 
 
+def nothing_new_for(seconds, observed):
+    """observed() (a growing sequence: answers so far) gains nothing for
+    `seconds`: an assertion over a pause, not a wait for a condition."""
+    before = len(observed())
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(observed()) == before, observed()[before:]
+
+
 def need(program):
     """Skip when a real peer is absent; in CI its absence is a failure."""
     path = shutil.which(program) or (os.path.exists('/usr/sbin/' + program) and '/usr/sbin/' + program)
@@ -3430,11 +3440,7 @@ class LogfileModule(object):
     def no_answer_for(self, seconds):
         """Nothing is answered for `seconds` (a pause such as Looper's
         retrydelay after an error)."""
-        before = len(self.out.data)
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert len(self.out.data) == before, self.out.data[before:]
+        nothing_new_for(seconds, lambda: self.out.data)
 
     def stop(self):
         if self.proc.poll() is None:
@@ -9711,11 +9717,7 @@ class Mod(object):
     def no_reply_for(self, seconds):
         """Nothing is answered for `seconds` (a pause such as Looper's
         retrydelay after an error)."""
-        before = len(self.replies())
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert len(self.replies()) == before, self.replies()[before:]
+        nothing_new_for(seconds, self.replies)
 
     def wait_exit(self, timeout=DEADLINE):
         code = self.proc.wait(timeout)
